@@ -1,0 +1,3 @@
+from heterocache.cli import main
+
+raise SystemExit(main())

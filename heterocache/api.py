@@ -1,0 +1,61 @@
+"""Public entry points: ``make_cache`` and argument validation."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from heterocache.attention import interface
+from heterocache.cache import HeadwiseCache
+from heterocache.methods.base import build_method
+from heterocache.models import model_geometry
+
+
+def validate_keep(keep: Any) -> float:
+    """``keep`` must be a real number in (0, 1]."""
+    try:
+        value = float(keep)
+    except (TypeError, ValueError):
+        raise ValueError(f"keep={keep!r} must be a number in (0, 1]") from None
+    if math.isnan(value) or not 0.0 < value <= 1.0:
+        raise ValueError(f"keep={keep!r} must be in (0, 1] (the fraction of prompt KV entries kept)")
+    return value
+
+
+def prepare_model(model) -> None:
+    """Register heterocache's attention and switch the model to it (idempotent).
+
+    With any other cache (e.g. ``DynamicCache``) the function is plain SDPA, so the model stays
+    usable for everything else.
+    """
+    name = interface.register()
+    if getattr(model.config, "_attn_implementation", None) != name:
+        model.set_attn_implementation(name)
+
+
+def make_cache(model, method: str = "full", keep: float = 1.0, *, max_buckets: int = 4,
+               bucket_overhead: int = 1024, **options: Any) -> HeadwiseCache:
+    """Build a :class:`HeadwiseCache` for ``model`` compressing with ``method`` at ``keep``.
+
+    ``options`` are the method's dataclass fields (``heterocache methods`` lists them). Unknown
+    methods / options and ``keep`` outside (0, 1] raise ``ValueError``.
+    """
+    keep = validate_keep(keep)
+    instance = build_method(method, **options)
+    geometry = model_geometry(model)
+    prepare_model(model)
+    cache = HeadwiseCache(
+        instance, keep, geometry["n_layers"], geometry["n_kv_heads"], geometry["head_dim"],
+        bucket_options={"max_buckets": max_buckets, "overhead": bucket_overhead}, geometry=geometry,
+    )
+    return cache
+
+
+def check_prompt_length(model, n_tokens: int, max_new_tokens: int = 0) -> None:
+    """Raise a clear error when the prompt (+ generation) exceeds the model's context window."""
+    limit = model_geometry(model)["max_positions"]
+    if limit and n_tokens + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt of {n_tokens} tokens + max_new_tokens={max_new_tokens} exceeds the model's context "
+            f"window of {limit} tokens; shorten the prompt"
+        )

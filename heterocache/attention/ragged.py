@@ -1,0 +1,85 @@
+"""Vectorised attention over ragged per-head token sets (the default CPU/GPU path).
+
+Sequences (one per (batch row, KV head)) are grouped into *buckets* of similar length; each bucket
+is one dense tensor ``(n, capacity, D)`` with a length vector. Attention for a bucket is a single
+batched SDPA call in which the ``G`` query heads of a KV head (times the ``q`` new tokens) play the
+role of the query length, so GQA needs no ``repeat_kv``. Cost scales with the sum over buckets of
+``n * max_len`` (docs/DESIGN.md s.8), not with the longest head of the layer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def key_mask(lengths: torch.Tensor, max_len: int, q: int, group: int, uniform: bool,
+             min_position: torch.Tensor | None = None, positions: torch.Tensor | None = None):
+    """Boolean mask ``(n, 1, group*q, max_len)`` or None when every key is visible.
+
+    ``lengths (n,)`` already include the ``q`` new tokens, stored last. Row ``g*q + t`` is query
+    token ``t`` of query head ``g``; it sees keys ``j < lengths - q + t + 1``. ``min_position``
+    (scalar tensor) with ``positions (n, max_len)`` hides keys outside a sliding window.
+    """
+    if uniform and q == 1 and min_position is None:
+        return None
+    n = lengths.shape[0]
+    device = lengths.device
+    cols = torch.arange(max_len, device=device)
+    t = torch.arange(q, device=device).repeat(group)  # (group*q,)
+    limit = (lengths[:, None] - q + 1) + t[None, :]  # (n, group*q)
+    mask = cols[None, None, :] < limit[:, :, None]  # (n, group*q, max_len)
+    if min_position is not None and positions is not None:
+        mask = mask & (positions[:, None, :max_len] >= min_position)
+    return mask.view(n, 1, group * q, max_len)
+
+
+def bucket_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask, scaling: float):
+    """One bucket: ``query (n, group*q, D)``, ``keys/values (n, L, D)`` -> ``(n, group*q, D)``."""
+    out = F.scaled_dot_product_attention(
+        query.unsqueeze(1), keys.unsqueeze(1), values.unsqueeze(1), attn_mask=mask, scale=scaling
+    )
+    return out.squeeze(1)
+
+
+def plan_buckets(lengths: list[int], max_buckets: int = 4, overhead: int = 1024) -> list[list[int]]:
+    """Group sequence indices into at most ``max_buckets`` buckets minimising padded work.
+
+    Cost of a bucket = ``n * max_len + overhead`` (``overhead`` ~ the price of one extra kernel
+    call in token units). Exact dynamic programme over sorted distinct lengths. Returns lists of
+    sequence indices (each ascending), buckets ordered by length.
+    """
+    if not lengths:
+        return []
+    arr = np.asarray(lengths, dtype=np.int64)
+    distinct, inverse = np.unique(arr, return_inverse=True)
+    counts = np.bincount(inverse, minlength=len(distinct))
+    u = len(distinct)
+    prefix = np.concatenate([[0], np.cumsum(counts)])
+    k_max = min(max_buckets, u)
+    inf = np.iinfo(np.int64).max // 4
+    # best[k][j]: min cost covering distinct[0..j] with k buckets; choice[k][j]: start of last bucket
+    best = np.full((k_max + 1, u), inf, dtype=np.int64)
+    choice = np.zeros((k_max + 1, u), dtype=np.int64)
+    for j in range(u):
+        best[1, j] = prefix[j + 1] * distinct[j] + overhead
+    for k in range(2, k_max + 1):
+        for j in range(k - 1, u):
+            starts = np.arange(k - 1, j + 1)
+            cost = best[k - 1, starts - 1] + (prefix[j + 1] - prefix[starts]) * distinct[j] + overhead
+            pick = int(np.argmin(cost))
+            best[k, j], choice[k, j] = cost[pick], starts[pick]
+    k_best = int(np.argmin(best[1:, u - 1])) + 1
+    bounds = []
+    j, k = u - 1, k_best
+    while k >= 1:
+        start = int(choice[k, j]) if k > 1 else 0
+        bounds.append((start, j))
+        j, k = start - 1, k - 1
+    bounds.reverse()
+    groups = []
+    for start, end in bounds:
+        members = np.nonzero((inverse >= start) & (inverse <= end))[0]
+        groups.append(members.tolist())
+    return groups

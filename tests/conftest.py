@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny random decoders of several families, and the embedded model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+}
+
+
+def tiny_model(family: str = "llama", seed: int = 0, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+               head_dim: int = 16, vocab: int = 128, max_positions: int = 1024):
+    """A few-MB random-weight decoder (eval mode, fp32, sdpa attention)."""
+    config_cls, model_cls = FAMILIES[family]
+    torch.manual_seed(seed)
+    config = config_cls(vocab_size=vocab, hidden_size=heads * head_dim, num_hidden_layers=layers,
+                        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                        intermediate_size=2 * heads * head_dim, max_position_embeddings=max_positions,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = model_cls(config).eval()
+    model.set_attn_implementation("sdpa")
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    from heterocache.models import load_model
+
+    return load_model()
+
+
+def left_padded_batch(lengths: list[int], vocab: int = 128, seed: int = 1):
+    """``input_ids, attention_mask`` of rows with the given real lengths, left padded with 0."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros((len(lengths), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:] = torch.randint(3, vocab, (n,), generator=gen)
+        mask[row, width - n:] = 1
+    return ids, mask
