@@ -42,12 +42,15 @@ def make_cache(model, method: str = "full", keep: float = 1.0, *, max_buckets: i
     """
     keep = validate_keep(keep)
     instance = build_method(method, **options)
+    if hasattr(instance, "bind_model"):
+        instance.bind_model(model)
     geometry = model_geometry(model)
     prepare_model(model)
     cache = HeadwiseCache(
         instance, keep, geometry["n_layers"], geometry["n_kv_heads"], geometry["head_dim"],
         bucket_options={"max_buckets": max_buckets, "overhead": bucket_overhead}, geometry=geometry,
     )
+    cache.model_config = model.config
     return cache
 
 

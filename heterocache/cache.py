@@ -91,6 +91,12 @@ class HeadwiseLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+            config = self.cache.model_config
+            if config is not None and config._attn_implementation != "heterocache":
+                raise RuntimeError(
+                    f"the model's attention implementation is {config._attn_implementation!r}; a HeadwiseCache "
+                    "needs 'heterocache' (hc.make_cache sets it; do not switch it back while using this cache)"
+                )
         prefill = self.seen == 0
         if not prefill:
             self.append(key_states, value_states)
@@ -159,6 +165,7 @@ class HeadwiseLayer(CacheLayerMixin):
         flat_k, flat_v = keys.reshape(b * h, length, d), values.reshape(b * h, length, d)
         flat_p = positions.reshape(b * h, length)
         self.buckets = []
+        self.locate: list[tuple[int, int]] = [(0, 0)] * (b * h)  # seq id -> (bucket, row)
         opts = self.cache.bucket_options
         for members in plan_buckets(count_list, **opts):
             seq = torch.tensor(members, dtype=torch.long, device=keys.device)
@@ -177,6 +184,8 @@ class HeadwiseLayer(CacheLayerMixin):
             uniform = len({count_list[i] for i in members}) == 1
             bucket = Bucket(seq, bk, bv, bp, lens, max_len, uniform)
             bucket.is_identity = len(members) == b * h
+            for row, member in enumerate(members):
+                self.locate[member] = (len(self.buckets), row)
             self.buckets.append(bucket)
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -224,6 +233,30 @@ class HeadwiseLayer(CacheLayerMixin):
             lengths[bk.seq] = bk.lengths
         return (keys.view(b, h, length, d), values.view(b, h, length, d),
                 positions.view(b, h, length), lengths.view(b, h))
+
+    def prefix(self, seq_ids: list[int], length: int) -> torch.Tensor:
+        """Keys of the first ``length`` slots of the given sequences: ``(n, length, D)`` (zeros past the end)."""
+        out = torch.zeros((len(seq_ids), length, self.head_dim), dtype=self.dtype, device=self.device)
+        for i, seq in enumerate(seq_ids):
+            bucket, row = self.locate[seq]
+            bk = self.buckets[bucket]
+            n = min(length, bk.max_len)
+            out[i, :n] = bk.keys[row, :n]
+        return out
+
+    def overwrite_prefix(self, seq_ids: list[int], keys: torch.Tensor, values: torch.Tensor,
+                         positions: torch.Tensor, counts: list[int]) -> None:
+        """Replace the first ``counts[i]`` slots of sequence ``seq_ids[i]`` (a refreshed prompt part).
+
+        ``keys/values (m, K, D)``, ``positions (m, K)``; lengths and later (decode) slots are unchanged.
+        """
+        for i, seq in enumerate(seq_ids):
+            bucket, row = self.locate[seq]
+            bk = self.buckets[bucket]
+            n = counts[i]
+            bk.keys[row, :n] = keys[i, :n].to(bk.keys.dtype)
+            bk.values[row, :n] = values[i, :n].to(bk.values.dtype)
+            bk.positions[row, :n] = positions[i, :n]
 
     def restrict(self, keep: torch.Tensor) -> None:
         """Keep a subset of the stored entries: ``keep (B, Hkv, L)`` over the ``padded()`` layout."""
@@ -281,6 +314,7 @@ class HeadwiseCache(Cache):
                  bucket_options: dict[str, int] | None = None, geometry: dict[str, int] | None = None):
         self.method, self.keep = method, keep
         self.model_geometry = geometry or {}
+        self.model_config = None  # set by make_cache: checked once per layer at first update
         self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
         self.bucket_options = bucket_options or {}
         self.method_state: dict[str, Any] = {}
@@ -289,16 +323,26 @@ class HeadwiseCache(Cache):
         self.counters: dict[str, float] = {}
         super().__init__(layers=[HeadwiseLayer(self, i) for i in range(n_layers)])
         self.has_decode_hook = type(method).on_decode_step is not _base_hook()
+        self.has_pre_hook = hasattr(method, "before_decode_attention")
         method.setup(self)
 
     def reset(self) -> None:
         for layer in self.layers:
             layer.reset()
+        self.close()
         self.method_state.clear()
         self.prompt_lengths = None
-        for tier in self.tiers.values():
-            tier.clear()
         self.counters.clear()
+        self.method.setup(self)
+
+    def close(self) -> None:
+        """Stop background work and delete slow-tier copies (files of the disk tier)."""
+        runtime = self.method_state.get("runtime")
+        if runtime is not None:
+            runtime.close()
+        for tier in self.tiers.values():
+            tier.close() if hasattr(tier, "close") else tier.clear()
+        self.tiers.clear()
 
     def stats(self) -> dict[str, Any]:
         """Measured statistics from the tensors actually held."""
@@ -313,7 +357,8 @@ class HeadwiseCache(Cache):
             "prompt_tokens": prompt,
             "kept_tokens": kept,
             "seen_tokens": self.get_seq_length(),
-            "device_bytes": sum(layer.nbytes() for layer in layers),
+            "device_bytes": sum(layer.nbytes() for layer in layers)
+            + sum(t.nbytes() for name, t in self.tiers.items() if name == "device"),
             "device_used_bytes": sum(layer.used_bytes() for layer in layers),
             "host_bytes": sum(t.nbytes() for name, t in self.tiers.items() if name == "host"),
             "disk_bytes": sum(t.nbytes() for name, t in self.tiers.items() if name == "disk"),

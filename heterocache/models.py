@@ -156,3 +156,19 @@ def model_geometry(model) -> dict[str, int]:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
     return {"n_layers": config.num_hidden_layers, "n_heads": n_heads, "n_kv_heads": n_kv,
             "head_dim": head_dim, "max_positions": getattr(config, "max_position_embeddings", 0) or 0}
+
+
+def is_embedded(model) -> bool:
+    """True for the embedded SmolLM2 (loaded through :func:`load_model`)."""
+    name = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+    return Path(str(name)).name == EMBEDDED_NAME
+
+
+def load_embedded_tokenizer():
+    """The embedded model's tokenizer (from the safetensors copy; creates it on first use)."""
+    from transformers import AutoTokenizer
+
+    target = cache_root() / "models" / EMBEDDED_NAME
+    if not (target / "tokenizer.json").is_file():
+        _load_embedded(None)
+    return AutoTokenizer.from_pretrained(target)

@@ -45,6 +45,8 @@ def headwise_attention(module, query, key, value, attention_mask, scaling=None, 
                                         scaling=scaling, dropout=dropout, **kwargs)
         _compress(layer, cache, module, query, key.keys, key.values, attention_mask, scaling)
         return out, None
+    if cache.has_pre_hook:
+        cache.method.before_decode_attention(layer, cache)
     out = layer.attend(query, scaling, sliding_window)
     layer.decode_steps += 1
     if cache.has_decode_hook:
