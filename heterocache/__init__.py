@@ -4,6 +4,8 @@ from heterocache.api import make_cache
 from heterocache.cache import HeadwiseCache
 from heterocache.methods.base import available_methods
 from heterocache.models import load_model
+from heterocache.profiling.api import profile_heads
+from heterocache.profiling.profile import HeadProfile
 
-__all__ = ["HeadwiseCache", "available_methods", "load_model", "make_cache"]
+__all__ = ["HeadProfile", "HeadwiseCache", "available_methods", "load_model", "make_cache", "profile_heads"]
 __version__ = "0.1.0"

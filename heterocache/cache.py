@@ -322,7 +322,8 @@ class HeadwiseCache(Cache):
         self.tiers: dict[str, Any] = {}
         self.counters: dict[str, float] = {}
         super().__init__(layers=[HeadwiseLayer(self, i) for i in range(n_layers)])
-        self.has_decode_hook = type(method).on_decode_step is not _base_hook()
+        self.has_decode_hook = (type(method).on_decode_step is not _base_hook()
+                                and bool(getattr(method, "needs_decode_hook", True)))
         self.has_pre_hook = hasattr(method, "before_decode_attention")
         method.setup(self)
 

@@ -47,7 +47,8 @@ class Runtime:
             budgets, fulls = {}, {}
             for length in set(key):
                 budgets[length], fulls[length] = self.allocate(
-                    self.profile, ctx.keep, length, self.method.weighting, self.method.sinks + 1)
+                    self.profile, ctx.keep, length, self.method.weighting, self.method.sinks + 1,
+                    self.method.max_full_share)
             budget = torch.tensor([budgets[n] for n in key], dtype=torch.long, device=ctx.keys.device)
             full = torch.tensor([fulls[n] for n in key], dtype=torch.bool, device=ctx.keys.device)
             self.plan = (key, budget, full)

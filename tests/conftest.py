@@ -15,6 +15,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+torch.set_num_threads(1)  # tiny models: threading only adds overhead (and CI has 2 cores)
+
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),

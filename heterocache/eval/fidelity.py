@@ -1,0 +1,149 @@
+"""Teacher-forced fidelity of a compressed cache against FullKV (the PEERS.md protocol by default).
+
+The essays are concatenated in file-name order and tokenised; ``windows`` offsets are drawn with
+``random.Random(seed).randint(0, n_tokens - context - continuation)``. Per window the ``context``
+tokens are prefilled (and compressed), then the true continuation is fed one token per forward, so
+``continuation`` next-token distributions are scored: the prefill's last one and one per fed token
+(the last continuation token itself is never fed). Against the FullKV distributions ``p`` (a plain
+``DynamicCache``, computed once per window) a method's ``q`` gives
+
+- ``kl``: ``sum_v p log(p / q)`` averaged over the scored positions,
+- ``top1``: fraction of positions where ``argmax q == argmax p``,
+- ``nll`` / ``ppl``: the true continuation's mean negative log-likelihood and its ``exp``.
+
+One JSONL line per window x method x keep in ``fidelity.jsonl``; reruns skip what is there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from heterocache.eval.tasks.essays import essay_text
+
+
+@dataclass
+class FidelityConfig:
+    out_dir: Path
+    methods: list[str]
+    keeps: list[float]
+    model_id: str = "model"
+    context: int = 3000
+    continuation: int = 64
+    windows: int = 3
+    seed: int = 1234
+    text_dir: str | None = None
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    progress: bool = True
+
+    def settings_key(self) -> str:
+        blob = json.dumps({"options": self.method_options, "N": self.context, "M": self.continuation,
+                           "seed": self.seed, "text_dir": self.text_dir}, sort_keys=True)
+        return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+def kl_per_token(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``KL(p || q)`` per position, summed over the vocabulary. Both ``(T, V)``; returns ``(T,)``."""
+    log_p = torch.log_softmax(reference_logits.double(), dim=-1)
+    log_q = torch.log_softmax(logits.double(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def top1_agreement(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Fraction of positions whose argmax agrees. ``(T, V)`` each."""
+    return (reference_logits.argmax(-1) == logits.argmax(-1)).double().mean().item()
+
+
+def nll_per_token(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of ``targets (T,)`` under ``logits (T, V)``; returns ``(T,)``."""
+    log_q = torch.log_softmax(logits.double(), dim=-1)
+    return -log_q.gather(-1, targets.view(-1, 1)).squeeze(-1)
+
+
+def window_offsets(n_tokens: int, context: int, continuation: int, windows: int, seed: int) -> list[int]:
+    """Start offsets of the windows, from ``random.Random(seed)``."""
+    span = n_tokens - context - continuation
+    if span < 0:
+        raise ValueError(f"the text has {n_tokens} tokens, fewer than context + continuation = "
+                         f"{context + continuation}")
+    rng = random.Random(seed)
+    return [rng.randint(0, span) for _ in range(windows)]
+
+
+@torch.inference_mode()
+def teacher_forced_logits(model, context_ids: list[int], continuation_ids: list[int], cache) -> torch.Tensor:
+    """``(M, V)`` float32 logits predicting each continuation token; prefill, then one token per forward."""
+    device = model.device
+
+    def forward(ids: list[int]) -> torch.Tensor:
+        out = model(input_ids=torch.tensor([ids], device=device), past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
+        return out.logits[0, -1].float().cpu()
+
+    rows = [forward(context_ids)]
+    rows += [forward([token]) for token in continuation_ids[:-1]]
+    return torch.stack(rows)
+
+
+def score_window(reference: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    nll = nll_per_token(logits, targets).mean().item()
+    return {"tokens": int(targets.numel()), "kl": kl_per_token(reference, logits).mean().item(),
+            "top1": top1_agreement(reference, logits), "nll": nll, "ppl": math.exp(nll)}
+
+
+def run_fidelity(model, tokenizer, config: FidelityConfig) -> Path:
+    """Evaluate every window x (method, keep) not yet in ``config.out_dir/fidelity.jsonl``."""
+    from tqdm.auto import tqdm
+    from transformers import DynamicCache
+
+    from heterocache.eval.report import fidelity_key, write_summary
+    from heterocache.eval.runner import build_cache, read_jsonl
+
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "fidelity.jsonl"
+    done = {fidelity_key(line) for line in read_jsonl(path, repair=True)}
+    ids = tokenizer(essay_text(config.text_dir), add_special_tokens=False, verbose=False)["input_ids"]
+    offsets = window_offsets(len(ids), config.context, config.continuation, config.windows, config.seed)
+    settings = config.settings_key()
+    combos = ([("full", 1.0)] if "full" in config.methods else []) + [
+        (m, k) for m in config.methods if m != "full" for k in config.keeps]
+    todo = [(w, m, k) for w in range(len(offsets)) for m, k in combos
+            if (w, m, float(k), config.model_id, settings) not in done]
+    bar = tqdm(total=len(offsets) * len(combos), initial=len(offsets) * len(combos) - len(todo),
+               desc="fidelity", disable=not config.progress, unit="run", dynamic_ncols=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        for window, offset in enumerate(offsets):
+            jobs = [(m, k) for w, m, k in todo if w == window]
+            if not jobs:
+                continue
+            context = ids[offset: offset + config.context]
+            continuation = ids[offset + config.context: offset + config.context + config.continuation]
+            targets = torch.tensor(continuation)
+            reference = teacher_forced_logits(model, context, continuation, DynamicCache(config=model.config))
+            for method, keep in jobs:
+                cache = build_cache(model, method, keep, config.method_options.get(method))
+                start = time.perf_counter()
+                logits = teacher_forced_logits(model, context, continuation, cache)
+                seconds = time.perf_counter() - start
+                stats = cache.stats() if hasattr(cache, "stats") else {}
+                line = {"window": window, "offset": offset, "method": method, "keep": keep,
+                        "model": config.model_id, "settings": settings, "context_tokens": len(context),
+                        **score_window(reference, logits, targets),
+                        "keep_fraction": stats.get("keep_fraction", 1.0), "seconds": round(seconds, 3)}
+                handle.write(json.dumps(line) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+                bar.update(1)
+    bar.close()
+    write_summary(out_dir)
+    return path

@@ -1,0 +1,206 @@
+"""Summaries, Markdown tables and PNG plots from a run directory.
+
+Reads every ``results*.jsonl`` (runner, all shards) and ``fidelity*.jsonl`` (eval/fidelity.py) in
+the directory, keeps the last line per resume key, and aggregates: task score = mean x100 over
+samples, next to the mean *measured* kept fraction; fidelity = KL / top-1 averaged over windows and
+perplexity = exp(mean NLL over all continuation tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+
+from heterocache.eval.runner import RESULTS_GLOB, read_jsonl, result_key
+
+FIDELITY_GLOB = "fidelity*.jsonl"
+
+
+def fidelity_key(line: dict) -> tuple:
+    return (line["window"], line["method"], float(line["keep"]), line["model"], line.get("settings", ""))
+
+
+def _latest(run_dir: Path, pattern: str, key) -> list[dict]:
+    merged: dict[tuple, dict] = {}
+    for path in sorted(run_dir.glob(pattern)):
+        for line in read_jsonl(path):
+            try:
+                merged[key(line)] = line
+            except KeyError:
+                continue
+    return list(merged.values())
+
+
+def summarize(run_dir: str | Path) -> dict:
+    """``{"tasks": [...], "fidelity": [...]}``: one row per (suite, task, method, keep, mode, model)."""
+    run_dir = Path(run_dir)
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for line in _latest(run_dir, RESULTS_GLOB, result_key):
+        groups[(line.get("suite", ""), line["task"], line["method"], float(line["keep"]),
+                line["question_mode"], line["model"])].append(line)
+    tasks = []
+    for (suite, task, method, keep, mode, model), lines in sorted(groups.items()):
+        speeds = [x["tokens_per_s"] for x in lines if x.get("tokens_per_s")]
+        tasks.append({
+            "suite": suite, "task": task, "method": method, "keep": keep, "question_mode": mode, "model": model,
+            "n": len(lines), "score": round(100 * mean(x["score"] for x in lines), 2),
+            "keep_measured": round(mean(x["keep_fraction"] for x in lines), 4),
+            "tokens_per_s": round(mean(speeds), 2) if speeds else None,
+            "prefill_s": round(mean(x["prefill_s"] for x in lines), 3),
+        })
+    fid_groups: dict[tuple, list[dict]] = defaultdict(list)
+    for line in _latest(run_dir, FIDELITY_GLOB, fidelity_key):
+        fid_groups[(line["method"], float(line["keep"]), line["model"])].append(line)
+    fidelity = []
+    for (method, keep, model), lines in sorted(fid_groups.items()):
+        tokens = sum(x["tokens"] for x in lines)
+        fidelity.append({
+            "method": method, "keep": keep, "model": model, "windows": len(lines),
+            "kl": round(sum(x["kl"] * x["tokens"] for x in lines) / tokens, 5),
+            "top1": round(sum(x["top1"] * x["tokens"] for x in lines) / tokens, 4),
+            "ppl": round(math.exp(sum(x["nll"] * x["tokens"] for x in lines) / tokens), 3),
+            "keep_measured": round(mean(x["keep_fraction"] for x in lines), 4),
+        })
+    return {"tasks": tasks, "fidelity": fidelity}
+
+
+def write_summary(run_dir: str | Path) -> Path:
+    """Write ``summary.json`` atomically (shards finishing together may race; last one wins)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "summary.json"
+    tmp = run_dir / f".summary.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(summarize(run_dir), indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _score_tables(rows: list[dict]) -> list[str]:
+    out: list[str] = []
+    by_suite: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_suite[(row["suite"] or "tasks", row["question_mode"], row["model"])].append(row)
+    for (suite, mode, model), items in by_suite.items():
+        keeps = sorted({r["keep"] for r in items if r["method"] != "full"}, reverse=True) or [1.0]
+        tasks = list(dict.fromkeys(r["task"] for r in items))
+        methods = list(dict.fromkeys(r["method"] for r in sorted(items, key=lambda r: r["method"] != "full")))
+        cell = {(r["task"], r["method"], r["keep"]): r for r in items}
+        out += [f"## {suite} ({model}, question mode: {mode})", "",
+                "Score x100 (mean measured kept fraction in brackets); FullKV runs once at keep 1.0.", ""]
+        for task in [*tasks, "average"] if len(tasks) > 1 else tasks:
+            out += [f"### {task}", "", "| method | " + " | ".join(f"keep {k:g}" for k in keeps) + " |",
+                    "|---|" + "---|" * len(keeps)]
+            for method in methods:
+                cells = []
+                for keep in keeps:
+                    kk = 1.0 if method == "full" else keep
+                    if task == "average":
+                        found = [cell[(t, method, kk)] for t in tasks if (t, method, kk) in cell]
+                        ok = len(found) == len(tasks)
+                        score = mean(r["score"] for r in found) if ok else None
+                        kept = mean(r["keep_measured"] for r in found) if ok else None
+                    else:
+                        row = cell.get((task, method, kk))
+                        score, kept = (row["score"], row["keep_measured"]) if row else (None, None)
+                    cells.append(f"{_fmt(score, 2)} ({_fmt(kept, 3)})" if score is not None else "-")
+                out.append(f"| {method} | " + " | ".join(cells) + " |")
+            out.append("")
+    return out
+
+
+def _fidelity_table(rows: list[dict]) -> list[str]:
+    out = ["## Fidelity (teacher-forced, vs FullKV)", "",
+           "| method | keep | measured keep | KL | top-1 | ppl | windows |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['method']} | {r['keep']:g} | {r['keep_measured']:.3f} | {r['kl']:.4f} | "
+                   f"{r['top1']:.3f} | {r['ppl']:.2f} | {r['windows']} |")
+    return out + [""]
+
+
+def _plots(run_dir: Path, summary: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+
+    def lines_plot(rows: list[dict], value: str, name: str, ylabel: str) -> None:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for method in dict.fromkeys(r["method"] for r in rows):
+            points = sorted((r["keep_measured"], r[value]) for r in rows if r["method"] == method)
+            ax.plot(*zip(*points), marker="o", label=method)
+        ax.set_xlabel("measured kept fraction")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(run_dir / name, dpi=100)
+        plt.close(fig)
+        written.append(name)
+
+    tasks = summary["tasks"]
+    for suite in dict.fromkeys(r["suite"] for r in tasks):
+        rows = [r for r in tasks if r["suite"] == suite]
+        means: dict[tuple, list[dict]] = defaultdict(list)
+        for r in rows:
+            means[(r["method"], r["keep"])].append(r)
+        avg = [{"method": m, "keep_measured": mean(x["keep_measured"] for x in v), "score": mean(x["score"] for x in v)}
+               for (m, _), v in means.items()]
+        lines_plot(avg, "score", f"score_vs_keep_{suite or 'tasks'}.png", f"{suite} score x100")
+    if summary["fidelity"]:
+        lines_plot(summary["fidelity"], "kl", "kl_vs_keep.png", "KL(FullKV || method) per token")
+    written += _niah_heatmaps(run_dir, plt)
+    return written
+
+
+def _niah_heatmaps(run_dir: Path, plt) -> list[str]:
+    cells: dict[tuple, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for line in _latest(run_dir, RESULTS_GLOB, result_key):
+        extra = line.get("extra", {})
+        if line["task"] == "niah" and "length" in extra and "depth" in extra:
+            cells[(line["method"], float(line["keep"]))][(extra["length"], extra["depth"])].append(line["score"])
+    written = []
+    for (method, keep), grid in cells.items():
+        lengths = sorted({k[0] for k in grid})
+        depths = sorted({k[1] for k in grid})
+        values = [[mean(grid[(n, d)]) if (n, d) in grid else float("nan") for n in lengths] for d in depths]
+        fig, ax = plt.subplots(figsize=(1 + 0.6 * len(lengths), 1 + 0.3 * len(depths)))
+        image = ax.imshow(values, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+        ax.set_xlabel("context tokens")
+        ax.set_ylabel("depth")
+        ax.set_title(f"NIAH {method} keep {keep:g}", fontsize=9)
+        fig.colorbar(image)
+        fig.tight_layout()
+        name = f"niah_{method}_keep{keep:g}.png"
+        fig.savefig(run_dir / name, dpi=100)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def build_report(run_dir: str | Path, plots: bool = True) -> str:
+    """Markdown report of ``run_dir``; writes ``report.md``, ``summary.json`` and PNG plots there."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    summary = summarize(run_dir)
+    if not summary["tasks"] and not summary["fidelity"]:
+        raise ValueError(f"{run_dir} holds no results ({RESULTS_GLOB} or {FIDELITY_GLOB})")
+    write_summary(run_dir)
+    lines = [f"# Evaluation report: {run_dir.name}", ""]
+    lines += _score_tables(summary["tasks"]) if summary["tasks"] else []
+    lines += _fidelity_table(summary["fidelity"]) if summary["fidelity"] else []
+    if plots:
+        lines += ["## Plots", ""] + [f"![{name}]({name})" for name in _plots(run_dir, summary)] + [""]
+    text = "\n".join(lines)
+    (run_dir / "report.md").write_text(text, encoding="utf-8")
+    return text

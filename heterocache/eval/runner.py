@@ -1,0 +1,267 @@
+"""Resumable evaluation runner: samples x methods x keep fractions -> one JSONL line each.
+
+Every line is flushed and fsync'ed before the next sample starts, so an interrupted run loses at
+most the sample in flight; a rerun skips every key already present in the run directory and drops
+a truncated last line. ``shard=(i, n)`` (or ``RANK``/``WORLD_SIZE`` under ``accelerate launch``)
+takes samples ``i, i+n, ...`` and writes ``results.shard{i}of{n}.jsonl``.
+
+Question modes (docs/DESIGN.md s.7): ``prefill`` prefills and compresses the whole prompt;
+``decode`` prefills and compresses the context only, then feeds the question, answer prefix and
+chat-template tail one token per forward through the compressed cache before generating.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from heterocache.eval.tasks.base import Sample
+
+QUESTION_MODES = ("prefill", "decode")
+RESULTS_GLOB = "results*.jsonl"
+
+
+@dataclass
+class RunConfig:
+    """What one run evaluates; ``settings_key()`` is part of every result's resume key."""
+
+    out_dir: Path
+    methods: list[str]
+    keeps: list[float]
+    suite: str = ""
+    model_id: str = "model"
+    question_mode: str = "prefill"
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    max_new_tokens: int | None = None  # overrides the per-task value when set
+    shard: tuple[int, int] | None = None
+    progress: bool = True
+
+    def settings_key(self) -> str:
+        blob = json.dumps({"options": self.method_options, "max_new_tokens": self.max_new_tokens},
+                          sort_keys=True)
+        return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+    def combos(self) -> list[tuple[str, float]]:
+        """(method, keep) pairs; FullKV runs once at keep 1.0 whatever ``keeps`` says."""
+        out = [("full", 1.0)] if "full" in self.methods else []
+        return out + [(m, k) for m in self.methods if m != "full" for k in self.keeps]
+
+    def results_path(self) -> Path:
+        if self.shard is None:
+            return Path(self.out_dir) / "results.jsonl"
+        index, count = self.shard
+        return Path(self.out_dir) / f"results.shard{index}of{count}.jsonl"
+
+
+def shard_from_env() -> tuple[int, int] | None:
+    """``(RANK, WORLD_SIZE)`` when launched by accelerate / torchrun with more than one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return (int(os.environ.get("RANK", "0") or 0), world) if world > 1 else None
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"1/4"`` -> ``(1, 4)``; ValueError naming the argument otherwise."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r} must look like I/N, e.g. 0/2") from None
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"--shard {text!r}: need 0 <= I < N")
+    return index, count
+
+
+def result_key(line: dict) -> tuple:
+    return (line.get("suite", ""), line["task"], str(line["sample_id"]), line["method"], float(line["keep"]),
+            line["question_mode"], line["model"], line.get("settings", ""))
+
+
+def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
+    """Parsed lines of ``path``. Bytes after the last newline are a line killed mid-write: they are
+    ignored, and cut from the file when ``repair`` (so the sample is rerun and appended cleanly).
+    Unparsable complete lines are skipped with a warning."""
+    if not path.is_file():
+        return []
+    raw = path.read_bytes()
+    complete_end = raw.rfind(b"\n") + 1
+    lines = []
+    for number, chunk in enumerate(raw[:complete_end].split(b"\n"), 1):
+        if not chunk.strip():
+            continue
+        try:
+            lines.append(json.loads(chunk))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            warnings.warn(f"{path}:{number}: unparsable result line skipped", stacklevel=2)
+    if repair and complete_end < len(raw):
+        with open(path, "r+b") as handle:
+            handle.truncate(complete_end)
+    return lines
+
+
+def build_cache(model, method: str, keep: float, options: dict[str, Any] | None = None):
+    """A fresh cache for one sample (``hc.make_cache``)."""
+    from heterocache.api import make_cache
+
+    return make_cache(model, method, keep, **(options or {}))
+
+
+def encode_prompt(tokenizer, sample: Sample) -> tuple[list[int], list[int]]:
+    """``(context_ids, rest_ids)``: the prompt's token ids, split where the question starts.
+
+    With ``sample.chat`` the user turn is ``context + question (+ answer_prefix)`` inside the chat
+    template, tokenised with ``add_special_tokens=False`` (the template carries BOS); the answer
+    prefix follows the assistant header when ``sample.extra['answer_after_template']`` (RULER).
+    Both question modes use these same ids.
+    """
+    after = bool(sample.extra.get("answer_after_template"))
+    rest = sample.question + ("" if after else sample.answer_prefix)
+    if sample.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"task {sample.task!r} asks for the chat template but the tokenizer has none; "
+                             "pass --no-chat")
+        user = sample.context + rest
+        text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                             add_generation_prompt=True)
+        cut = text.find(user) + len(sample.context)
+        head, tail = text[:cut], text[cut:] + (sample.answer_prefix if after else "")
+        special = False
+    else:
+        head, tail, special = sample.context, rest + sample.answer_prefix * after, True
+    context_ids = tokenizer(head, add_special_tokens=special, verbose=False)["input_ids"]
+    rest_ids = tokenizer(tail, add_special_tokens=False, verbose=False)["input_ids"]
+    return list(context_ids), list(rest_ids)
+
+
+def _stop_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for source in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if source is not None:
+            ids.update(source if isinstance(source, list | tuple) else [source])
+    return ids
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """Cut ``text`` at the first stop string that follows some non-blank output."""
+    lead = len(text) - len(text.lstrip())
+    hits = [text.find(s, lead) for s in stops if s and text.find(s, lead) >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+@torch.inference_mode()
+def generate_one(model, tokenizer, context_ids: list[int], rest_ids: list[int], cache, question_mode: str,
+                 max_new_tokens: int, stop: Sequence[str] = (), eos_ids: set[int] | None = None) -> dict:
+    """Greedy generation through ``cache``; returns the prediction, timings and token counts."""
+    device = model.device
+
+    def forward(ids: list[int]) -> torch.Tensor:
+        out = model(input_ids=torch.tensor([ids], device=device), past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
+        return out.logits[0, -1]
+
+    eos_ids = _stop_ids(model, tokenizer) if eos_ids is None else eos_ids
+    start = time.perf_counter()
+    logits = forward(context_ids + rest_ids if question_mode == "prefill" else context_ids)
+    prefill_s = time.perf_counter() - start
+    start = time.perf_counter()
+    if question_mode == "decode":
+        for token in rest_ids:
+            logits = forward([token])
+    question_s = time.perf_counter() - start
+    start, generated, text = time.perf_counter(), [], ""
+    for step in range(max_new_tokens):
+        token = int(logits.argmax())
+        if token in eos_ids:
+            break
+        generated.append(token)
+        text, stopped = _cut_at_stop(tokenizer.decode(generated, skip_special_tokens=True), stop)
+        if stopped or step == max_new_tokens - 1:
+            break
+        logits = forward([token])
+    decode_s = time.perf_counter() - start
+    return {"prediction": text, "new_tokens": len(generated), "prefill_s": round(prefill_s, 4),
+            "question_s": round(question_s, 4), "decode_s": round(decode_s, 4),
+            "tokens_per_s": round(len(generated) / decode_s, 3) if decode_s > 0 and generated else None}
+
+
+def score_prediction(sample: Sample, prediction: str) -> float:
+    """Score in [0, 1] with the sample's metric (eval/metrics.py, or a synthetic task's own)."""
+    from heterocache.eval import metrics
+    from heterocache.eval.tasks import niah
+
+    if sample.metric in niah.METRICS:
+        return float(niah.METRICS[sample.metric](prediction, sample.gold, sample))
+    return metrics.score(sample.metric, prediction, sample.gold, sample)
+
+
+def _shard(samples: Iterable[Sample], shard: tuple[int, int] | None) -> list[Sample]:
+    samples = list(samples)
+    return samples if shard is None else samples[shard[0]:: shard[1]]
+
+
+def run_samples(model, tokenizer, samples: Iterable[Sample], config: RunConfig) -> Path:
+    """Evaluate every (sample, method, keep) not yet in ``config.out_dir``; returns the results file."""
+    from tqdm.auto import tqdm
+
+    from heterocache.api import check_prompt_length
+    from heterocache.eval.report import write_summary
+
+    if config.question_mode not in QUESTION_MODES:
+        raise ValueError(f"question_mode={config.question_mode!r}; choose one of {QUESTION_MODES}")
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = config.results_path()
+    read_jsonl(path, repair=True)
+    done = {result_key(line) for p in sorted(out_dir.glob(RESULTS_GLOB)) for line in read_jsonl(p)}
+    by_task: dict[str, list[Sample]] = {}
+    for sample in _shard(samples, config.shard):
+        by_task.setdefault(sample.task, []).append(sample)
+    eos_ids = _stop_ids(model, tokenizer)
+    settings = config.settings_key()
+    with open(path, "a", encoding="utf-8") as handle:
+        for task, task_samples in by_task.items():
+            jobs = [(s, m, k) for s in task_samples for m, k in config.combos()]
+            todo = [job for job in jobs if _key(config, settings, *job) not in done]
+            bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=task, disable=not config.progress,
+                       unit="run", dynamic_ncols=True)
+            encoded: dict[str, tuple[list[int], list[int]]] = {}
+            for sample, method, keep in todo:
+                if sample.sample_id not in encoded:
+                    encoded[sample.sample_id] = encode_prompt(tokenizer, sample)
+                context_ids, rest_ids = encoded[sample.sample_id]
+                max_new = config.max_new_tokens or sample.max_new_tokens
+                check_prompt_length(model, len(context_ids) + len(rest_ids), max_new)
+                cache = build_cache(model, method, keep, config.method_options.get(method))
+                out = generate_one(model, tokenizer, context_ids, rest_ids, cache, config.question_mode,
+                                   max_new, sample.stop, eos_ids)
+                stats = cache.stats() if hasattr(cache, "stats") else {}
+                line = {
+                    "suite": config.suite, "task": task, "sample_id": sample.sample_id, "method": method,
+                    "keep": keep, "question_mode": config.question_mode, "model": config.model_id,
+                    "settings": settings, "prediction": out.pop("prediction"), "gold": sample.gold,
+                    "metric": sample.metric, "keep_fraction": stats.get("keep_fraction", 1.0),
+                    "prompt_tokens": len(context_ids) + len(rest_ids), "context_tokens": len(context_ids),
+                    **out, "chat": sample.chat,
+                    "cache": {k: v for k, v in stats.items() if isinstance(v, int | float | str)},
+                    "extra": {k: v for k, v in sample.extra.items() if isinstance(v, int | float | str | bool)},
+                }
+                line["score"] = score_prediction(sample, line["prediction"])
+                handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+                bar.update(1)
+            bar.close()
+    write_summary(out_dir)
+    return path
+
+
+def _key(config: RunConfig, settings: str, sample: Sample, method: str, keep: float) -> tuple:
+    return (config.suite, sample.task, str(sample.sample_id), method, float(keep), config.question_mode,
+            config.model_id, settings)

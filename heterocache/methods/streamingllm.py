@@ -1,0 +1,60 @@
+"""StreamingLLM: attention sinks + recent window (Xiao et al., 2023, "Efficient Streaming Language
+Models with Attention Sinks"). Headline: stable language modelling up to 4M tokens; up to 22.2x
+faster than sliding-window recomputation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from heterocache.budget import uniform_budgets
+from heterocache.methods.base import DecodeContext, Method, PrefillContext, register
+from heterocache.methods.scoring import forced_keep, keeps_everything, layer_budget
+
+
+@register
+@dataclass
+class StreamingLLM(Method):
+    """Keep the first ``sinks`` tokens and the most recent ``C - sinks`` (no scores, any kernel).
+
+    Budget: uniform ``C = keep * L`` per (layer, KV head) (:func:`heterocache.budget.uniform_budgets`),
+    sinks inside ``C``; when ``C < sinks`` only the first ``C`` sinks are kept. Same rule for every
+    layer and head. Survivors keep their original positions (the compression-baseline protocol; the
+    original's cache-slot re-indexing is not implemented).
+
+    Parameters
+    ----------
+    sinks : int
+        Number of attention-sink tokens (paper: 4).
+    evict_during_decode : bool
+        False (default, prefill only, as KVCache-Factory and kvpress): decode tokens are appended.
+        True: the original rolling cache, after each decode step the oldest non-sink tokens are
+        dropped so every head stays at its prompt budget ``C``.
+    """
+
+    name = "streamingllm"
+    description = "StreamingLLM: 4 attention sinks + most recent tokens"
+
+    sinks: int = 4
+    evict_during_decode: bool = False
+
+    @property
+    def needs_decode_hook(self) -> bool:  # type: ignore[override]
+        return self.evict_during_decode
+
+    def select(self, ctx: PrefillContext) -> torch.Tensor:
+        budget = layer_budget(ctx, lambda n: uniform_budgets(ctx.keep, n, ctx.n_layers, ctx.n_kv_heads))
+        if keeps_everything(ctx, budget):
+            return ctx.valid[:, None, :].expand(-1, ctx.n_kv_heads, -1).clone()
+        mask, _ = forced_keep(ctx.valid, budget, self.sinks, ctx.seq_len)
+        return mask
+
+    def on_decode_step(self, ctx: DecodeContext) -> None:
+        if not self.evict_during_decode or ctx.keep >= 1.0:  # keep=1.0 is FullKV, also during decode
+            return
+        budget = ctx.state["budget_table"][1][:, ctx.layer_idx].to(ctx.queries.device)
+        _, _, positions, lengths = ctx.layer.padded()
+        if bool((lengths > budget).any()):
+            mask, _ = forced_keep(positions >= 0, budget, self.sinks, positions.shape[-1])
+            ctx.layer.restrict(mask)

@@ -1,0 +1,94 @@
+"""Every registered method x keep x tiny model family through ``model.generate``.
+
+Checks the budget accounting on the real cache (docs/DESIGN.md section 2): per batch row the kept
+prompt entries over layers x KV heads equal ``round(keep * L * n_layers * n_kv_heads)``, padding is
+never stored, and ``keep=1.0`` generates exactly FullKV's tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from conftest import FAMILIES, left_padded_batch, tiny_model
+from transformers import DynamicCache
+
+import heterocache as hc
+from heterocache.budget import total_budget
+
+LENGTHS = [53, 30]  # odd prompt length, left padding in row 1
+NEW_TOKENS = 4
+NEEDS_PROFILE = {"heterocache"}  # covered by its own tests (needs a head profile)
+EVICTS_DURING_DECODE = {"tova"}  # default options evict during decode: the cache size is what is exact
+METHODS = [m for m in hc.available_methods() if m not in NEEDS_PROFILE]
+
+
+@functools.cache
+def _model(family: str):
+    return tiny_model(family, layers=2)
+
+
+def _generate(model, ids, mask, cache):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=NEW_TOKENS,
+                              min_new_tokens=NEW_TOKENS, do_sample=False)
+
+
+@functools.cache
+def _reference(family: str) -> torch.Tensor:
+    model = _model(family)
+    ids, mask = left_padded_batch(LENGTHS)
+    model.set_attn_implementation("sdpa")
+    return _generate(model, ids, mask, DynamicCache())
+
+
+CASES = [(m, k) for m in METHODS for k in (1.0, 0.5, 0.1) if m != "full" or k == 1.0]
+
+
+@pytest.mark.parametrize("method,keep", CASES)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_method_matrix(family, method, keep):
+    model = _model(family)
+    ids, mask = left_padded_batch(LENGTHS)
+    cache = hc.make_cache(model, method, keep)
+    out = _generate(model, ids, mask, cache)
+    n_layers, n_kv = model.config.num_hidden_layers, model.config.num_key_value_heads
+    expected = [total_budget(keep, n, n_layers, n_kv) for n in LENGTHS]
+    prompt_len = ids.shape[1]
+    kept = torch.stack([layer.kept_prompt_tokens() for layer in cache.layers])  # (layers, B, Hkv)
+    stored = torch.stack([layer.padded()[3] for layer in cache.layers])
+    for layer in cache.layers:  # padding slots of row 1 are never stored
+        positions = layer.padded()[2][1]
+        assert not ((positions >= 0) & (positions < prompt_len - LENGTHS[1])).any()
+    stats = cache.stats()
+    if keep == 1.0:
+        assert torch.equal(out, _reference(family))
+        assert stats["keep_fraction"] == 1.0
+    elif method in EVICTS_DURING_DECODE:
+        assert stored.sum(dim=(0, 2)).tolist() == expected  # generated tokens compete for the slots
+        assert stats["keep_fraction"] <= keep + 1e-9
+    else:
+        assert kept.sum(dim=(0, 2)).tolist() == expected
+        assert stats["kept_tokens"] == sum(expected)
+        assert stats["keep_fraction"] == pytest.approx(sum(expected) / (sum(LENGTHS) * n_layers * n_kv))
+        # decode tokens are appended to every head
+        assert (stored - kept == NEW_TOKENS - 1).all()
+
+
+@pytest.mark.parametrize("method,options", [("h2o", {"decode_eviction": True}),
+                                            ("streamingllm", {"evict_during_decode": True}),
+                                            ("tova", {"evict_during_decode": False}),
+                                            ("cake", {"cascading": False})])
+def test_decode_options_on_real_cache(method, options):
+    model = _model("qwen2")
+    ids, mask = left_padded_batch(LENGTHS)
+    cache = hc.make_cache(model, method, 0.3, **options)
+    _generate(model, ids, mask, cache)
+    n_layers, n_kv = model.config.num_hidden_layers, model.config.num_key_value_heads
+    expected = [total_budget(0.3, n, n_layers, n_kv) for n in LENGTHS]
+    stored = torch.stack([layer.padded()[3] for layer in cache.layers]).sum(dim=(0, 2))
+    if options.get("decode_eviction") or options.get("evict_during_decode"):
+        assert stored.tolist() == expected
+    else:
+        assert (stored - n_layers * n_kv * (NEW_TOKENS - 1)).tolist() == expected
