@@ -141,7 +141,8 @@ class Runtime:
         """Choose the refreshed satellite sets and start fetching them from the tier."""
         owner = info["owner"]
         sat_scores = newest[:, owner]  # (B, S, T) the pivot chooses positions
-        chosen = select_with_forced(sat_scores, info["valid"], info["budget"], self.method.sinks, self.method.window)
+        chosen = select_with_forced(sat_scores, info["valid"], info["budget"], self.method.sinks,
+                                    self.method.recent(info["budget"]))
         refresh = triggered[:, owner]  # (B, S)
         rows_b, rows_s = torch.nonzero(refresh, as_tuple=True)
         counts = info["budget"][rows_b, rows_s]

@@ -4,7 +4,8 @@ Every sequence (one per (batch row, KV head)) owns a list of fixed-size pages in
 key/value pool, described by a page table, so one launch covers sequences of any lengths and its
 cost follows the *total* number of stored tokens (docs/DESIGN.md s.8), never the longest head.
 One program handles one sequence and all ``G`` query heads of its group (times the new tokens):
-the KV pages are read once per group, scores and the online softmax run in fp32. When there are
+the KV pages are read once per group, ``BLOCK_TOKENS`` tokens (several small pages) per
+iteration, scores and the online softmax in fp32. When there are
 too few sequences to fill the GPU, the pages of a sequence are split over several programs
 (flash-decoding) and a second small kernel merges the partial softmax states.
 
@@ -14,6 +15,7 @@ The PyTorch reference is :func:`heterocache.attention.reference.ragged_attention
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -24,6 +26,15 @@ except ImportError:  # the package works without triton: SDPA buckets are the fa
     triton = None
 
 LOG2E = 1.4426950408889634
+BLOCK_TOKENS = 64  # tokens per inner iteration (several pages when they are small)
+
+
+def _interpreting() -> bool:
+    try:
+        from triton import knobs
+    except ImportError:  # triton < 3.3
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return bool(knobs.runtime.interpret)
 
 
 @functools.lru_cache(maxsize=8)
@@ -34,9 +45,7 @@ def triton_available(device: str | torch.device) -> bool:
     """
     if triton is None:
         return False
-    from triton import knobs
-
-    if knobs.runtime.interpret:
+    if _interpreting():
         return True
     device = torch.device(device)
     return device.type == "cuda" and torch.cuda.is_available()
@@ -47,11 +56,12 @@ if triton is not None:
     @triton.jit
     def _paged_decode_kernel(
         query, key_pool, value_pool, page_table, lengths, out, part_acc, part_stats,
-        scale_log2, pages_per_split,
+        scale_log2, blocks_per_split,
         stride_q_seq, stride_q_row, stride_k_page, stride_k_tok, stride_v_page, stride_v_tok,
         stride_pt_seq, stride_o_seq, stride_o_row,
         ROWS: tl.constexpr, BLOCK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        PAGE: tl.constexpr, NEW_TOKENS: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+        PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NEW_TOKENS: tl.constexpr, SPLIT: tl.constexpr,
+        PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     ):
         seq = tl.program_id(0)
         split = tl.program_id(1)
@@ -59,27 +69,34 @@ if triton is not None:
         length = tl.load(lengths + seq).to(tl.int32)
         rows = tl.arange(0, BLOCK_ROWS)
         dims = tl.arange(0, BLOCK_D)
-        toks = tl.arange(0, PAGE)
+        toks = tl.arange(0, BLOCK_N)  # BLOCK_N // PAGE pages per iteration
         row_ok = rows < ROWS
         dim_ok = dims < HEAD_DIM
         q = tl.load(query + seq * stride_q_seq + rows[:, None] * stride_q_row + dims[None, :],
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
         # row g*NEW_TOKENS + t is new token t of query head g: it sees keys < length - NEW_TOKENS + t + 1
         limit = length - NEW_TOKENS + 1 + rows % NEW_TOKENS
         m_i = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_ROWS], tl.float32)
         acc = tl.zeros([BLOCK_ROWS, BLOCK_D], tl.float32)
-        first = split * pages_per_split
-        last = tl.minimum(first + pages_per_split, tl.cdiv(length, PAGE))
-        for p in range(first, last):
-            page = tl.load(page_table + seq * stride_pt_seq + p).to(tl.int64)
-            pos = p * PAGE + toks
+        n_pages = tl.cdiv(length, PAGE)
+        first = split * blocks_per_split
+        last = tl.minimum(first + blocks_per_split, tl.cdiv(length, BLOCK_N))
+        for block in range(first, last):
+            pos = block * BLOCK_N + toks
+            slot = pos // PAGE  # page-table column of each token
+            page = tl.load(page_table + seq * stride_pt_seq + slot, mask=slot < n_pages, other=0).to(tl.int64)
+            in_page = (toks % PAGE)[:, None]
             kv_mask = (pos < length)[:, None] & dim_ok[None, :]
-            k = tl.load(key_pool + page * stride_k_page + toks[:, None] * stride_k_tok + dims[None, :],
+            k = tl.load(key_pool + page[:, None] * stride_k_page + in_page * stride_k_tok + dims[None, :],
                         mask=kv_mask, other=0.0)
-            v = tl.load(value_pool + page * stride_v_page + toks[:, None] * stride_v_tok + dims[None, :],
+            v = tl.load(value_pool + page[:, None] * stride_v_page + in_page * stride_v_tok + dims[None, :],
                         mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # (BLOCK_ROWS, PAGE), log2 units
+            if DOT_FP32:
+                k, v = k.to(tl.float32), v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # (BLOCK_ROWS, BLOCK_N), log2 units
             s = tl.where(pos[None, :] < limit[:, None], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
@@ -130,14 +147,14 @@ def _pow2_at_least_16(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
-def _auto_splits(n_seq: int, max_pages: int, device: torch.device) -> int:
-    """Enough programs to fill the GPU (~4 per SM) without splits shorter than 8 pages."""
-    if device.type != "cuda" or max_pages <= 8:
+def _auto_splits(n_seq: int, max_blocks: int, device: torch.device) -> int:
+    """Enough programs to fill the GPU (~4 per SM) without splits shorter than 4 token blocks."""
+    if device.type != "cuda" or max_blocks <= 4:
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     if n_seq >= 2 * sms:
         return 1
-    return max(1, min(triton.cdiv(4 * sms, n_seq), max_pages // 8))
+    return max(1, min(triton.cdiv(4 * sms, n_seq), max_blocks // 4))
 
 
 def paged_decode_attention(query: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor,
@@ -168,28 +185,31 @@ def paged_decode_attention(query: torch.Tensor, key_pool: torch.Tensor, value_po
     if rows % new_tokens:
         raise ValueError(f"query rows {rows} must be a multiple of new_tokens={new_tokens}")
     query, key_pool, value_pool = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key_pool, value_pool))
-    page_table = page_table.contiguous()
+    page_table, lengths = page_table.contiguous(), lengths.contiguous()
     out = torch.empty_like(query)
     if n_seq == 0:
         return out
-    max_pages = page_table.shape[1]
-    splits = num_splits or _auto_splits(n_seq, max_pages, query.device)
-    splits = max(1, min(splits, max(1, max_pages)))
-    pages_per_split = triton.cdiv(max(1, max_pages), splits)
+    block_n = max(page_size, BLOCK_TOKENS)
+    max_blocks = max(1, triton.cdiv(page_table.shape[1] * page_size, block_n))
+    splits = max(1, min(num_splits or _auto_splits(n_seq, max_blocks, query.device), max_blocks))
+    blocks_per_split = triton.cdiv(max_blocks, splits)
     block_rows, block_d = _pow2_at_least_16(rows), _pow2_at_least_16(dim)
     if splits > 1:
         part_acc = torch.empty((n_seq, splits, block_rows, block_d), dtype=torch.float32, device=query.device)
         part_stats = torch.empty((n_seq, splits, block_rows, 2), dtype=torch.float32, device=query.device)
     else:
         part_acc = part_stats = out  # unused
-    precision = "ieee" if query.dtype == torch.float32 else "tf32"
+    # fp32 inputs: exact fp32 products (no TF32). 16-bit inputs use tensor-core dots on the GPU; the
+    # CPU interpreter mis-multiplies bf16 dots (triton 3.9), so there they are widened to fp32 first.
+    interpreted = _interpreting()
+    precision = "ieee" if query.dtype == torch.float32 or interpreted else "tf32"
     _paged_decode_kernel[(n_seq, splits)](
         query, key_pool, value_pool, page_table, lengths, out, part_acc, part_stats,
-        float(scaling) * LOG2E, pages_per_split,
+        float(scaling) * LOG2E, blocks_per_split,
         query.stride(0), query.stride(1), key_pool.stride(0), key_pool.stride(1),
         value_pool.stride(0), value_pool.stride(1), page_table.stride(0), out.stride(0), out.stride(1),
-        ROWS=rows, BLOCK_ROWS=block_rows, HEAD_DIM=dim, BLOCK_D=block_d, PAGE=page_size,
-        NEW_TOKENS=new_tokens, SPLIT=splits > 1, PRECISION=precision,
+        ROWS=rows, BLOCK_ROWS=block_rows, HEAD_DIM=dim, BLOCK_D=block_d, PAGE=page_size, BLOCK_N=block_n,
+        NEW_TOKENS=new_tokens, SPLIT=splits > 1, PRECISION=precision, DOT_FP32=interpreted,
     )
     if splits > 1:
         _merge_splits_kernel[(n_seq,)](

@@ -41,16 +41,8 @@ def method_options(pairs: list[str] | None, methods: list[str]) -> dict[str, dic
     return {m: opts for m, opts in out.items() if opts}
 
 
-def register_synthetic_suites() -> None:
-    """Add passkey / niah / ruler to the loader registry (idempotent)."""
-    from heterocache.eval.tasks import niah, passkey, registry, ruler
-
-    for name, module in (("passkey", passkey), ("niah", niah), ("ruler", ruler)):
-        if name not in registry.TASK_SUITES:
-            registry.register_suite(name, module.load, module.TASKS, needs_data=False)
-
-
 def suite_names() -> list[str]:
+    from heterocache.eval.runner import register_synthetic_suites
     from heterocache.eval.tasks import registry
 
     register_synthetic_suites()
@@ -77,7 +69,8 @@ def _validate(args) -> tuple[list[str], list[float]]:
         parse_shard(args.shard)
     if args.suite != "fidelity":
         suite = registry.TASK_SUITES[args.suite]
-        if args.tasks:
+        _suite_options(args, suite.load)
+        if args.tasks and not suite.needs_data:  # dataset loaders also accept group names; they check
             bad = [t for t in _csv(args.tasks) if t not in suite.tasks]
             if bad:
                 raise ValueError(f"unknown {args.suite} task(s) {bad}; valid tasks: {', '.join(suite.tasks)}")
@@ -148,8 +141,10 @@ def _run_eval(args) -> int:
                                       tokenizer=tokenizer, max_prompt_tokens=max_prompt, limit=args.limit,
                                       chat_template=args.chat, problems=problems, **extra)
         shard = parse_shard(args.shard) if args.shard else shard_from_env()
+        prompt_settings = {k: v for k, v in {"chat": args.chat, "max_prompt_tokens": args.max_prompt_tokens,
+                                             "seed": args.seed, "text_dir": args.text_dir}.items() if v is not None}
         config = RunConfig(out_dir, methods, keeps, args.suite, model_id, args.question_mode, options,
-                           args.max_new_tokens, shard, progress=not args.no_progress)
+                           args.max_new_tokens, prompt_settings, shard, progress=not args.no_progress)
         path = run_samples(model, tokenizer, samples, config)
         if problems:
             print(f"{len(problems)} malformed record(s) skipped (listed above)", file=sys.stderr)

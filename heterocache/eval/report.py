@@ -95,10 +95,10 @@ def _score_tables(rows: list[dict]) -> list[str]:
         out += [f"## {suite} ({model}, question mode: {mode})", "",
                 "Score x100 (mean measured kept fraction in brackets); FullKV runs once at keep 1.0.", ""]
         for task in [*tasks, "average"] if len(tasks) > 1 else tasks:
-            out += [f"### {task}", "", "| method | " + " | ".join(f"keep {k:g}" for k in keeps) + " |",
-                    "|---|" + "---|" * len(keeps)]
+            out += [f"### {task}", "", "| method | n | " + " | ".join(f"keep {k:g}" for k in keeps) + " |",
+                    "|---|---|" + "---|" * len(keeps)]
             for method in methods:
-                cells = []
+                cells, counts = [], set()
                 for keep in keeps:
                     kk = 1.0 if method == "full" else keep
                     if task == "average":
@@ -109,8 +109,10 @@ def _score_tables(rows: list[dict]) -> list[str]:
                     else:
                         row = cell.get((task, method, kk))
                         score, kept = (row["score"], row["keep_measured"]) if row else (None, None)
+                        counts.add(row["n"] if row else 0)
                     cells.append(f"{_fmt(score, 2)} ({_fmt(kept, 3)})" if score is not None else "-")
-                out.append(f"| {method} | " + " | ".join(cells) + " |")
+                n = "/".join(str(c) for c in sorted(counts)) if counts else "-"
+                out.append(f"| {method} | {n} | " + " | ".join(cells) + " |")
             out.append("")
     return out
 
@@ -136,7 +138,10 @@ def _plots(run_dir: Path, summary: dict) -> list[str]:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for method in dict.fromkeys(r["method"] for r in rows):
             points = sorted((r["keep_measured"], r[value]) for r in rows if r["method"] == method)
-            ax.plot(*zip(*points), marker="o", label=method)
+            if method == "full":  # one point at keep 1.0: the reference line
+                ax.axhline(points[0][1], color="gray", linestyle="--", label="full")
+            else:
+                ax.plot(*zip(*points), marker="o", label=method)
         ax.set_xlabel("measured kept fraction")
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)

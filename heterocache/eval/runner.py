@@ -42,12 +42,13 @@ class RunConfig:
     question_mode: str = "prefill"
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_new_tokens: int | None = None  # overrides the per-task value when set
+    prompt_settings: dict[str, Any] = field(default_factory=dict)  # what changes a sample's prompt (seed, chat..)
     shard: tuple[int, int] | None = None
     progress: bool = True
 
     def settings_key(self) -> str:
-        blob = json.dumps({"options": self.method_options, "max_new_tokens": self.max_new_tokens},
-                          sort_keys=True)
+        blob = json.dumps({"options": self.method_options, "max_new_tokens": self.max_new_tokens,
+                           **({"prompt": self.prompt_settings} if self.prompt_settings else {})}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
     def combos(self) -> list[tuple[str, float]]:
@@ -60,6 +61,15 @@ class RunConfig:
             return Path(self.out_dir) / "results.jsonl"
         index, count = self.shard
         return Path(self.out_dir) / f"results.shard{index}of{count}.jsonl"
+
+
+def register_synthetic_suites() -> None:
+    """Add passkey / niah / ruler to the loader registry (idempotent)."""
+    from heterocache.eval.tasks import niah, passkey, registry, ruler
+
+    for name, module in (("passkey", passkey), ("niah", niah), ("ruler", ruler)):
+        if name not in registry.TASK_SUITES:
+            registry.register_suite(name, module.load, module.TASKS, needs_data=False)
 
 
 def shard_from_env() -> tuple[int, int] | None:
@@ -121,20 +131,22 @@ def encode_prompt(tokenizer, sample: Sample) -> tuple[list[int], list[int]]:
     prefix follows the assistant header when ``sample.extra['answer_after_template']`` (RULER).
     Both question modes use these same ids.
     """
-    after = bool(sample.extra.get("answer_after_template"))
-    rest = sample.question + ("" if after else sample.answer_prefix)
     if sample.chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"task {sample.task!r} asks for the chat template but the tokenizer has none; "
                              "pass --no-chat")
-        user = sample.context + rest
+        after = bool(sample.extra.get("answer_after_template"))
+        user = sample.context + sample.question + ("" if after else sample.answer_prefix)
         text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                              add_generation_prompt=True)
-        cut = text.find(user) + len(sample.context)
+        start = text.find(user)
+        if start < 0:
+            raise ValueError("the chat template altered the user text; cannot split context and question")
+        cut = start + len(sample.context)
         head, tail = text[:cut], text[cut:] + (sample.answer_prefix if after else "")
         special = False
     else:
-        head, tail, special = sample.context, rest + sample.answer_prefix * after, True
+        head, tail, special = sample.context, sample.question + sample.answer_prefix, True
     context_ids = tokenizer(head, add_special_tokens=special, verbose=False)["input_ids"]
     rest_ids = tokenizer(tail, add_special_tokens=False, verbose=False)["input_ids"]
     return list(context_ids), list(rest_ids)
@@ -151,14 +163,18 @@ def _stop_ids(model, tokenizer) -> set[int]:
 def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     """Cut ``text`` at the first stop string that follows some non-blank output."""
     lead = len(text) - len(text.lstrip())
-    hits = [text.find(s, lead) for s in stops if s and text.find(s, lead) >= 0]
+    hits = [i for i in (text.find(s, lead) for s in stops if s) if i >= 0]
     return (text[: min(hits)], True) if hits else (text, False)
 
 
 @torch.inference_mode()
 def generate_one(model, tokenizer, context_ids: list[int], rest_ids: list[int], cache, question_mode: str,
                  max_new_tokens: int, stop: Sequence[str] = (), eos_ids: set[int] | None = None) -> dict:
-    """Greedy generation through ``cache``; returns the prediction, timings and token counts."""
+    """Greedy generation through ``cache``; returns the prediction, timings and token counts.
+
+    ``tokens_per_s`` = decode forwards (one per generated token after the first, which comes from
+    the prefill's logits) per second of the generation loop.
+    """
     device = model.device
 
     def forward(ids: list[int]) -> torch.Tensor:
@@ -166,29 +182,34 @@ def generate_one(model, tokenizer, context_ids: list[int], rest_ids: list[int], 
                     logits_to_keep=1)
         return out.logits[0, -1]
 
+    def clock() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
     eos_ids = _stop_ids(model, tokenizer) if eos_ids is None else eos_ids
-    start = time.perf_counter()
+    start = clock()
     logits = forward(context_ids + rest_ids if question_mode == "prefill" else context_ids)
-    prefill_s = time.perf_counter() - start
-    start = time.perf_counter()
+    prefill_end = clock()
     if question_mode == "decode":
         for token in rest_ids:
             logits = forward([token])
-    question_s = time.perf_counter() - start
-    start, generated, text = time.perf_counter(), [], ""
-    for step in range(max_new_tokens):
+    question_end = clock()
+    generated, text, steps = [], "", 0
+    for _ in range(max_new_tokens):
         token = int(logits.argmax())
         if token in eos_ids:
             break
         generated.append(token)
         text, stopped = _cut_at_stop(tokenizer.decode(generated, skip_special_tokens=True), stop)
-        if stopped or step == max_new_tokens - 1:
+        if stopped or len(generated) == max_new_tokens:
             break
         logits = forward([token])
-    decode_s = time.perf_counter() - start
-    return {"prediction": text, "new_tokens": len(generated), "prefill_s": round(prefill_s, 4),
-            "question_s": round(question_s, 4), "decode_s": round(decode_s, 4),
-            "tokens_per_s": round(len(generated) / decode_s, 3) if decode_s > 0 and generated else None}
+        steps += 1
+    decode_s = clock() - question_end
+    return {"prediction": text, "new_tokens": len(generated), "decode_steps": steps,
+            "prefill_s": round(prefill_end - start, 4), "question_s": round(question_end - prefill_end, 4),
+            "decode_s": round(decode_s, 4), "tokens_per_s": round(steps / decode_s, 3) if steps else None}
 
 
 def score_prediction(sample: Sample, prediction: str) -> float:

@@ -57,7 +57,11 @@ def allocate(profile, keep: float, prompt_len: int, weighting: str = "profile", 
     if weighting == "uniform":
         weights = [1.0] * len(compressed)
     elif weighting == "profile":
-        weights = [h.weight if h.weight is not None else 1.0 / (h.stability + EPS) for h in compressed]
+        # profile weights are M * (1/(S+eps)) / sum(...); demoted full heads have none: give them the
+        # same formula on the same scale (the normalising constant of the profile's own weights)
+        scales = [h.weight * (h.stability + EPS) for h in records if h.weight is not None]
+        scale = sum(scales) / len(scales) if scales else 1.0
+        weights = [h.weight if h.weight is not None else scale / (h.stability + EPS) for h in compressed]
     else:
         raise ValueError(f"weighting={weighting!r} is invalid; choose 'profile' or 'uniform'")
     shares = weighted_budgets(total - len(full) * prompt_len, weights, [prompt_len] * len(compressed),
@@ -114,6 +118,9 @@ class HeteroCache(Method):
         window of 1, pitfall 19).
     sinks : int
         First tokens always kept by compressed heads (pitfall 20); the ``window`` most recent too.
+    recent_fraction : float
+        Share of each compressed head's budget reserved for the most recent prompt tokens (at
+        least ``window``); the rest goes to the highest-scoring tokens.
     """
 
     name = "heterocache"
@@ -132,6 +139,7 @@ class HeteroCache(Method):
     kernel: int = 7
     pooling: str = "max"
     sinks: int = 4
+    recent_fraction: float = 0.0
 
     @property
     def needs_decode_hook(self) -> bool:  # type: ignore[override]
@@ -178,10 +186,14 @@ class HeteroCache(Method):
         if bool(full.all()):
             return keep
         scores = window_votes(ctx, self.window, self.kernel, self.pooling, "mean")
-        chosen = select_with_forced(scores, ctx.valid, budget, self.sinks, self.window)
+        chosen = select_with_forced(scores, ctx.valid, budget, self.sinks, self.recent(budget))
         keep = torch.where(full[..., None], keep, chosen)
         runtime.after_prefill_select(ctx, full, budget)
         return keep
+
+    def recent(self, budget: torch.Tensor) -> torch.Tensor:
+        """Most recent prompt tokens each compressed head always keeps: ``(B, H)`` long."""
+        return torch.clamp((budget * self.recent_fraction).long(), min=self.window)
 
     def last_query_scores(self, ctx: PrefillContext) -> torch.Tensor:
         """Pooled attention of the last prompt token per KV head ``(B, H, T)`` (drift reference)."""

@@ -4,7 +4,8 @@ Haystack = the first ``length`` tokens of the essays (concatenated in file-name 
 ``The pass key is K. Remember it. K is the pass key.`` is spliced in after the full stop at or before
 token ``int(length * depth)``; the user turn is the haystack, a blank line and the question; chat
 template on; greedy, 10 new tokens; a hit when the key appears in the output (``string_match_part``).
-Keys are 5-digit integers drawn from ``random.Random(seed)``, ``keys_per_depth`` per depth, depth-major.
+Keys are 5-digit integers, ``samples`` per depth, each drawn from ``random.Random(f"{seed}:{depth}:{i}")``
+so a sample's key does not depend on which other lengths / depths are run (same key at every length).
 """
 
 from __future__ import annotations
@@ -70,7 +71,6 @@ def load(data_dir=None, tasks: Sequence[str] | str | None = None, tokenizer=None
         raise ValueError("passkey needs a tokenizer (haystack lengths are counted in tokens)")
     if samples < 1 or any(n < 1 for n in lengths):
         raise ValueError(f"samples and lengths must be >= 1, got samples={samples}, lengths={list(lengths)}")
-    rng = random.Random(seed)
     period_ids = period_token_ids(tokenizer)
     all_tokens = essay_tokens(tokenizer, max(lengths), text_dir)
     count = 0
@@ -78,7 +78,7 @@ def load(data_dir=None, tasks: Sequence[str] | str | None = None, tokenizer=None
         haystack = all_tokens[:length]
         for depth in depths:
             for index in range(samples):
-                key = str(rng.randint(10000, 99999))
+                key = str(random.Random(f"{seed}:{depth:g}:{index}").randint(10000, 99999))
                 if limit is not None and count >= limit:
                     return
                 needle = " " + PASS_KEY_SENTENCE.format(key=key)

@@ -65,14 +65,18 @@ def _draw(rng: random.Random, kind: str, vocabulary: Sequence[str]) -> str:
         return str(rng.randint(10**6, 10**7 - 1))
     if kind == "uuids":
         return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+    if kind == "plain":  # fwe's coded words
+        return "".join(rng.choices(string.ascii_lowercase, k=6))
     return f"{rng.choice(vocabulary)}-{rng.choice(vocabulary)}"
 
 
 def _unique(rng: random.Random, kind: str, vocabulary: Sequence[str], n: int, avoid=()) -> list[str]:
     out: list[str] = []
+    seen = set(avoid)
     while len(out) < n:
         item = _draw(rng, kind, vocabulary)
-        if item not in out and item not in avoid:
+        if item not in seen:
+            seen.add(item)
             out.append(item)
     return out
 
@@ -103,9 +107,10 @@ def _niah(rng: random.Random, size: int, cfg: NiahConfig, words, vocabulary) -> 
     else:
         filler = [NOISE] * size
         if cfg.haystack == "needle":
-            distractors = _unique(rng, cfg.key_type, vocabulary, size, avoid=keys)
-            filler = [NEEDLE.format(type=cfg.value_type, key=k, value=_draw(rng, cfg.value_type, vocabulary))
-                      for k in distractors]
+            distractor_keys = _unique(rng, cfg.key_type, vocabulary, size, avoid=keys)
+            distractor_values = _unique(rng, cfg.value_type, vocabulary, size, avoid=sum(values, []))
+            filler = [NEEDLE.format(type=cfg.value_type, key=k, value=v)
+                      for k, v in zip(distractor_keys, distractor_values)]
         context = "\n".join(_insert_lines(rng, filler, needles))
     queried = rng.sample(range(len(keys)), cfg.n_queries)
     names = [keys[i] for i in queried]
@@ -177,10 +182,9 @@ def _cwe(rng: random.Random, size: int, length: int, pool) -> tuple[str, str, st
 
 
 def _fwe(rng: random.Random, size: int, length: int, alpha: float = 2.0) -> tuple[str, str, str, list[str]]:
-    vocabulary = _unique_plain_words(rng, max(length // 50, 8))
+    vocabulary = _unique(rng, "plain", (), max(length // 50, 8))
     vocabulary[0] = "..."
-    zeta = sum(k ** -alpha for k in range(1, 100_000))
-    words = [w for rank, w in enumerate(vocabulary, 1) for _ in range(int(size * rank ** -alpha / zeta))]
+    words = [w for rank, w in enumerate(vocabulary, 1) for _ in range(int(size * rank ** -alpha / _zeta(alpha)))]
     rng.shuffle(words)
     intro = ("Read the following coded text and track the frequency of each coded word. Find the three "
              "most frequently appeared coded words. ")
@@ -190,15 +194,9 @@ def _fwe(rng: random.Random, size: int, length: int, alpha: float = 2.0) -> tupl
     return intro + " ".join(words) + "\n", question, prefix, vocabulary[1:4]
 
 
-def _unique_plain_words(rng: random.Random, n: int) -> list[str]:
-    out: set[str] = set()
-    ordered: list[str] = []
-    while len(ordered) < n:
-        word = "".join(rng.choices(string.ascii_lowercase, k=6))
-        if word not in out:
-            out.add(word)
-            ordered.append(word)
-    return ordered
+@functools.cache
+def _zeta(alpha: float) -> float:
+    return sum(k ** -alpha for k in range(1, 100_000))
 
 
 def _generator(task: str, length: int, text_dir) -> tuple[Callable, int]:

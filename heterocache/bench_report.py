@@ -1,0 +1,132 @@
+"""``heterocache bench`` results: the resumable JSONL file, derived columns, Markdown table, plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from heterocache.bench_models import bandwidth_bound
+
+KEY_FIELDS = ("kind", "model", "device", "dtype", "threads", "method", "keep", "options", "context", "batch", "steps",
+              "warmup", "schedule")
+
+
+def result_key(line: dict) -> str:
+    return json.dumps([line.get(k) for k in KEY_FIELDS], sort_keys=True)
+
+
+class ResultFile:
+    """Result lines of one run: read back from ``results.jsonl`` (resume), appended as they finish."""
+
+    def __init__(self, out_dir: Path | None):
+        self.path = out_dir / "results.jsonl" if out_dir else None
+        self.lines: list[dict] = []
+        if self.path and self.path.is_file():
+            self.lines = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
+        self.done = {result_key(x) for x in self.lines}
+
+    def record(self, line: dict) -> None:
+        self.lines.append(line)
+        self.done.add(result_key(line))
+        if self.path:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(line) + "\n")
+
+
+def derive(lines: list[dict]) -> list[dict]:
+    """Decode lines + ``speedup_vs_full``, ``bound_speedup``, ``fraction_of_bound`` (speedup / bound)
+    and ``fraction_of_gain`` ((speedup - 1) / (bound - 1)), pairing each line with the ``full`` line of
+    the same model, device, dtype, threads, context, batch, step counts and schedule."""
+    def pair(line):
+        return (*(line[k] for k in ("model", "device", "dtype", "context", "batch", "steps", "warmup")),
+                line.get("threads"), line.get("schedule", "sequential"))
+
+    latest = {}  # a line measured again (resume, interleaved groups) replaces the earlier one
+    for line in lines:
+        if line["kind"] == "decode":
+            latest[(pair(line), line["method"], line["keep"], json.dumps(line.get("options"), sort_keys=True))] = line
+    full = {pair(x): x for x in latest.values() if x["method"] == "full"}
+    rows = []
+    for line in latest.values():
+        row = dict(line)
+        ref = full.get(pair(line))
+        bound = bandwidth_bound(line["weight_bytes"], line["kv_full_bytes"], line["cache"]["keep_fraction"])
+        speedup = ref["decode_ms"] / line["decode_ms"] if ref else None
+        row.update(speedup_vs_full=speedup, bound_speedup=bound,
+                   fraction_of_bound=speedup / bound if speedup else None,
+                   fraction_of_gain=(speedup - 1) / (bound - 1) if speedup and bound > 1 + 1e-9 else None)
+        rows.append(row)
+    return rows
+
+
+def megabytes(value) -> str:
+    return f"{value / 2**20:.1f}"
+
+
+def markdown_table(rows: list[dict], max_batches: list[dict] = ()) -> str:
+    """One row per result; the footnote explains the bound and the timing protocol."""
+    head = ("| method | keep | kept | context | batch | threads | schedule | prefill s | decode ms/token | tokens/s "
+            "| speedup vs full | bound | of bound | read MB/token | peak MB | cache device MB | cache host MB |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    order = sorted(rows, key=lambda r: (r["model"], r.get("threads", 0), r.get("schedule", ""), r["context"], r["batch"],
+                                        r["method"] != "full", r["method"], -r["keep"]))
+    for r in order:
+        speed = "n/a" if r["speedup_vs_full"] is None else f"{r['speedup_vs_full']:.2f}x"
+        share = "n/a" if r["fraction_of_bound"] is None else f"{r['fraction_of_bound']:.0%}"
+        cache = r["cache"]
+        cells = [r["method"], f"{r['keep']:g}", f"{cache['keep_fraction']:.3f}", r["context"], r["batch"],
+                 r.get("threads"), r.get("schedule", "sequential"), f"{r['prefill_s']:.2f}", f"{r['decode_ms']:.1f}",
+                 f"{r['tokens_per_s']:.1f}", speed, f"{r['bound_speedup']:.2f}x", share,
+                 megabytes(r["read_bytes_per_token"]), megabytes(r["peak_memory_bytes"]),
+                 megabytes(cache["device_bytes"]), megabytes(cache["host_bytes"])]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    text = "\n".join(lines) + "\n"
+    if rows:
+        r = rows[0]
+        notes = "; ".join(sorted({x["peak_memory_note"] for x in rows}))
+        text += (f"\nbound = (W + KV) / (W + r*KV): W = {megabytes(r['weight_bytes'])} MB of weights read per decode "
+                 "token, KV = full KV bytes at the context, r = measured kept fraction; of bound = speedup / bound. "
+                 f"Decode = median of {r['steps']} steps after {r['warmup']} warm-up ({r['device']}, {r['dtype']}). "
+                 f"peak: {notes}.\n")
+    if max_batches:
+        text += "\n| method | keep | context | max batch |\n|---|---|---|---|\n"
+        text += "".join(f"| {m['method']} | {m['keep']:g} | {m['context']} | {m['max_batch']} |\n" for m in max_batches)
+    return text
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list] = {}
+    for r in sorted(rows, key=lambda r: r["context"]):
+        label = r["method"] if r["method"] == "full" else f"{r['method']} keep {r['keep']:g}"
+        if len({x["batch"] for x in rows}) > 1:
+            label += f" (batch {r['batch']})"
+        series.setdefault(label, []).append((r["context"], r["decode_ms"]))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, points in series.items():
+        ax.plot(*zip(*points), marker="o", label=label)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("decode ms / token (median)")
+    ax.set_title(f"decode latency: {rows[0]['model']} on {rows[0]['device']}" if rows else "decode latency")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(lines: list[dict], model_tag: str, out_dir: Path | None) -> None:
+    rows = [r for r in derive(lines) if r["model"] == model_tag]
+    max_batches = [x for x in lines if x["kind"] == "max_batch" and x["model"] == model_tag]
+    table = markdown_table(rows, max_batches)
+    print(table)
+    if out_dir:
+        (out_dir / "results.json").write_text(json.dumps({"rows": rows, "max_batch": max_batches}, indent=1))
+        (out_dir / "table.md").write_text(table)
+        if rows:
+            plot(rows, out_dir / "decode_ms.png")
+        print(f"bench: wrote {out_dir}/results.jsonl, results.json, table.md, decode_ms.png")

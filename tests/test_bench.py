@@ -1,0 +1,148 @@
+"""``heterocache bench``: end to end on a tiny random Llama, result schema, derived numbers, presets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from heterocache.bench import largest_fitting, parse_contexts, parse_method_options
+from heterocache.bench_models import architecture_config, bandwidth_bound, meta_model, weight_read_bytes
+from heterocache.bench_report import derive
+from heterocache.cli import main
+from heterocache.models import model_geometry
+
+LINE_TYPES = {
+    "kind": str, "model": str, "device": str, "dtype": str, "threads": int, "method": str, "keep": float, "options": dict,
+    "context": int, "batch": int, "steps": int, "warmup": int, "schedule": str, "prefill_s": float, "decode_ms": float,
+    "decode_ms_steps": list, "tokens_per_s": float, "peak_memory_bytes": int, "peak_memory_note": str,
+    "cache": dict, "weight_bytes": int, "kv_full_bytes": int, "read_bytes_per_token": float,
+}
+ROW_TYPES = {"speedup_vs_full": float, "bound_speedup": float, "fraction_of_bound": float}
+
+
+def _tiny_weight_bytes() -> int:
+    """Hand count for the ``tiny`` preset (fp32): the untied embedding table is not read per token."""
+    hidden, inter, vocab, kv_dim, layers = 64, 128, 256, 2 * 16, 2
+    per_layer = 2 * hidden * hidden + 2 * hidden * kv_dim + 3 * hidden * inter + 2 * hidden
+    return 4 * (layers * per_layer + hidden + vocab * hidden)
+
+
+def test_bench_cli_end_to_end_and_resume(tmp_path, capsys):
+    argv = ["bench", "--model-config", "tiny", "--context", "48,0.096k", "--methods", "snapkv,streamingllm,heterocache",
+            "--keep", "0.5", "--steps", "3", "--warmup", "1", "--max-batch", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "skipping heterocache" in printed and "profile" in printed
+    assert "--max-batch is not applicable on CPU" in printed
+    lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert sorted((x["method"], x["context"]) for x in lines) == sorted(
+        (m, c) for m in ("full", "snapkv", "streamingllm") for c in (48, 96))
+    for line in lines:
+        for key, kind in LINE_TYPES.items():
+            assert isinstance(line[key], kind), (key, line[key])
+        assert len(line["decode_ms_steps"]) == 3 and line["decode_ms"] == sorted(line["decode_ms_steps"])[1]
+        assert line["weight_bytes"] == _tiny_weight_bytes()
+        assert line["kv_full_bytes"] == 2 * 2 * 2 * 16 * 4 * line["context"]  # K+V, layers, KV heads, D, fp32
+        r = line["cache"]["keep_fraction"]
+        assert r == pytest.approx(1.0 if line["method"] == "full" else 0.5, abs=0.02)
+        assert line["read_bytes_per_token"] == pytest.approx(line["weight_bytes"] + r * line["kv_full_bytes"])
+        assert line["peak_memory_bytes"] == line["cache"]["device_bytes"] > 0  # CPU: the cache's bytes
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert summary["max_batch"] == [] and len(summary["rows"]) == 6
+    for row in summary["rows"]:
+        for key, kind in ROW_TYPES.items():
+            assert isinstance(row[key], kind), (key, row[key])
+        if row["method"] == "full":
+            assert row["speedup_vs_full"] == 1.0 and row["bound_speedup"] == 1.0  # same numbers by construction
+    table = (tmp_path / "table.md").read_text()
+    assert table.count("| snapkv | 0.5 |") == 2 and "bound" in table
+    assert (tmp_path / "decode_ms.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(argv) == 0  # rerun: every line is done, nothing is measured again
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 6
+    assert "ms/token  kept" not in capsys.readouterr().out
+
+
+def test_interleaved_schedule_pairs_with_its_own_full(tmp_path):
+    argv = ["bench", "--model-config", "tiny", "--context", "40", "--methods", "streamingllm", "--keep", "0.25",
+            "--steps", "2", "--warmup", "0", "--out", str(tmp_path)]
+    assert main(argv) == 0 and main([*argv, "--interleave"]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert sorted((r["schedule"], r["method"]) for r in rows) == [
+        ("interleaved", "full"), ("interleaved", "streamingllm"), ("sequential", "full"), ("sequential", "streamingllm")]
+    for row in rows:
+        ref = next(r for r in rows if r["method"] == "full" and r["schedule"] == row["schedule"])
+        assert row["speedup_vs_full"] == ref["decode_ms"] / row["decode_ms"]
+    assert main([*argv, "--interleave", "--keep", "0.25,0.5"]) == 0  # a new keep re-measures full beside it
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert len([r for r in rows if r["schedule"] == "interleaved"]) == 3
+
+
+def test_derived_speedup_and_bound_on_hand_numbers():
+    assert bandwidth_bound(100, 300, 0.25) == pytest.approx(400 / 175)
+    assert bandwidth_bound(100, 300, 1.0) == 1.0
+    base = {"kind": "decode", "model": "m", "device": "cpu", "dtype": "float32", "context": 10, "batch": 1,
+            "steps": 20, "warmup": 4, "weight_bytes": 100, "kv_full_bytes": 300}
+    rows = derive([{**base, "method": "full", "keep": 1.0, "decode_ms": 10.0, "cache": {"keep_fraction": 1.0}},
+                   {**base, "method": "snapkv", "keep": 0.25, "decode_ms": 5.0, "cache": {"keep_fraction": 0.25}},
+                   {**base, "method": "snapkv", "keep": 0.25, "decode_ms": 5.0, "batch": 2,
+                    "cache": {"keep_fraction": 0.25}}])
+    full, snap, unpaired = rows
+    assert full["speedup_vs_full"] == 1.0 and full["fraction_of_gain"] is None
+    assert snap["speedup_vs_full"] == 2.0
+    assert snap["bound_speedup"] == pytest.approx(400 / 175)
+    assert snap["fraction_of_bound"] == pytest.approx(2.0 * 175 / 400)
+    assert snap["fraction_of_gain"] == pytest.approx(1.0 / (400 / 175 - 1))
+    assert unpaired["speedup_vs_full"] is None  # no full line for batch 2
+
+
+def test_llama_8b_preset_builds_on_meta_without_memory():
+    config = architecture_config("llama-3.1-8b", layers=1)
+    model = meta_model(config, torch.bfloat16)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert model_geometry(model) == {"n_layers": 1, "n_heads": 32, "n_kv_heads": 8, "head_dim": 128,
+                                     "max_positions": 131072}
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert attn.q_proj.weight.shape == (4096, 4096) and attn.k_proj.weight.shape == (1024, 4096)
+    assert mlp.gate_proj.weight.shape == (14336, 4096) and model.lm_head.weight.shape == (128256, 4096)
+    assert config.rope_parameters["rope_type"] == "llama3" and model.dtype == torch.bfloat16
+    per_layer = 2 * 4096 * 4096 + 2 * 1024 * 4096 + 3 * 4096 * 14336 + 2 * 4096
+    assert weight_read_bytes(model) == 2 * (per_layer + 4096 + 128256 * 4096)
+    qwen = meta_model(architecture_config("qwen2.5-7b", layers=2), torch.bfloat16)
+    assert model_geometry(qwen)["n_kv_heads"] == 4 and model_geometry(qwen)["head_dim"] == 128
+    assert qwen.model.layers[1].self_attn.k_proj.weight.shape == (512, 3584)
+    assert qwen.model.layers[1].self_attn.k_proj.bias is not None
+
+
+def test_argument_parsing_and_errors(capsys):
+    assert parse_contexts("2k,4k,7.5k,900") == [2000, 4000, 7500, 900]
+    for bad in ("2x", "0", "1.5", ""):
+        with pytest.raises(ValueError, match="--context"):
+            parse_contexts(bad)
+    assert parse_method_options(["heterocache:profile=p.json", "heterocache:steps=3"], ["heterocache"]) == {
+        "heterocache": {"profile": "p.json", "steps": 3}}
+    with pytest.raises(ValueError, match="not in --methods"):
+        parse_method_options(["h2o:window=3"], ["snapkv"])
+    with pytest.raises(SystemExit, match="unknown"):
+        main(["bench", "--model-config", "tiny", "--methods", "nope"])
+    with pytest.raises(SystemExit):
+        main(["bench", "--model-config", "gpt-5"])
+    assert "--model-config" in capsys.readouterr().err
+
+
+def test_largest_fitting_doubles_then_bisects():
+    calls = []
+
+    def fits_under(limit):
+        def fits(batch):
+            calls.append(batch)
+            return batch <= limit
+        return fits
+
+    assert largest_fitting(fits_under(37), 256) == 37
+    assert len(calls) <= 6 + 6 + 1  # 1..64 doubling, then bisection of (32, 64)
+    assert largest_fitting(fits_under(1000), 256) == 256
+    assert largest_fitting(fits_under(1000), 100) == 100
+    assert largest_fitting(fits_under(0), 256) == 0
+    assert largest_fitting(fits_under(1), 256) == 1

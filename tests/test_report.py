@@ -1,0 +1,81 @@
+"""Report from a hand-written run directory: merged shards, hand-computed means, PNG files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from heterocache.eval.report import build_report, summarize
+
+
+def _line(task, sample, method, keep, score, kept, **extra):
+    return {"suite": "ruler", "task": task, "sample_id": sample, "method": method, "keep": keep,
+            "question_mode": "prefill", "model": "m", "settings": "s", "prediction": "p", "gold": ["g"],
+            "score": score, "keep_fraction": kept, "tokens_per_s": 10.0, "prefill_s": 1.0, "extra": extra}
+
+
+def _write(path, lines):
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+@pytest.fixture()
+def run_dir(tmp_path):
+    _write(tmp_path / "results.shard0of2.jsonl", [
+        _line("vt", "0", "full", 1.0, 1.0, 1.0), _line("vt", "0", "snapkv", 0.5, 1.0, 0.5),
+        _line("vt", "0", "snapkv", 0.25, 0.0, 0.26),
+        _line("cwe", "0", "full", 1.0, 0.5, 1.0), _line("cwe", "0", "snapkv", 0.5, 0.2, 0.5),
+        _line("cwe", "0", "snapkv", 0.25, 0.1, 0.25),
+    ])
+    _write(tmp_path / "results.shard1of2.jsonl", [
+        _line("vt", "1", "full", 1.0, 0.0, 1.0), _line("vt", "1", "snapkv", 0.5, 0.5, 0.52),
+        _line("vt", "1", "snapkv", 0.25, 0.0, 0.24),
+        _line("cwe", "1", "full", 1.0, 0.7, 1.0), _line("cwe", "1", "snapkv", 0.5, 0.4, 0.5),
+        _line("cwe", "1", "snapkv", 0.25, 0.3, 0.25),
+        _line("cwe", "1", "snapkv", 0.25, 0.5, 0.25),  # a rerun of the same key: the last line wins
+    ])
+    _write(tmp_path / "results.jsonl", [
+        {**_line("niah", f"len{n}-depth{d:g}", "snapkv", 0.5, s, 0.5, length=n, depth=d), "suite": "niah"}
+        for n, d, s in [(1000, 0.0, 1.0), (1000, 1.0, 0.5), (2000, 0.0, 0.25), (2000, 1.0, 0.0)]
+    ])
+    fid = [{"window": w, "offset": 0, "method": "snapkv", "keep": 0.5, "model": "m", "settings": "s", "tokens": 64,
+            "kl": kl, "top1": t, "nll": n, "ppl": math.exp(n), "keep_fraction": 0.5}
+           for w, kl, t, n in [(0, 0.02, 0.9, 3.0), (1, 0.04, 0.8, 3.2)]]
+    _write(tmp_path / "fidelity.jsonl", fid)
+    return tmp_path
+
+
+def test_summary_means_are_hand_computed(run_dir):
+    rows = {(r["task"], r["method"], r["keep"]): r for r in summarize(run_dir)["tasks"]}
+    assert rows[("vt", "full", 1.0)]["score"] == 50.0
+    assert rows[("vt", "snapkv", 0.5)]["score"] == 75.0
+    assert rows[("vt", "snapkv", 0.5)]["keep_measured"] == pytest.approx(0.51)
+    assert rows[("cwe", "snapkv", 0.25)]["score"] == 30.0 and rows[("cwe", "snapkv", 0.25)]["n"] == 2
+    assert rows[("cwe", "full", 1.0)]["score"] == 60.0
+    assert rows[("niah", "snapkv", 0.5)]["score"] == 43.75
+    fid = summarize(run_dir)["fidelity"][0]
+    assert fid["kl"] == pytest.approx(0.03) and fid["top1"] == pytest.approx(0.85)
+    assert fid["ppl"] == pytest.approx(math.exp(3.1), rel=1e-4) and fid["windows"] == 2
+
+
+def test_report_tables_and_plots(run_dir):
+    text = build_report(run_dir)
+    assert (run_dir / "report.md").read_text() == text
+    assert "| full | 2 | 50.00 (1.000) | 50.00 (1.000) |" in text  # vt; FullKV fills every keep column
+    assert "| snapkv | 2 | 75.00 (0.510) | 0.00 (0.250) |" in text  # vt
+    assert "| snapkv | 2 | 30.00 (0.500) | 30.00 (0.250) |" in text  # cwe
+    # average over vt and cwe: snapkv keep 0.5 -> (75 + 30) / 2, measured keep (0.51 + 0.5) / 2
+    assert "| snapkv | - | 52.50 (0.505) | 15.00 (0.250) |" in text
+    assert "| snapkv | 0.5 | 0.500 | 0.0300 | 0.850 | 22.20 | 2 |" in text
+    for name in ("score_vs_keep_ruler.png", "score_vs_keep_niah.png", "kl_vs_keep.png", "niah_snapkv_keep0.5.png"):
+        assert (run_dir / name).stat().st_size > 1000
+        assert f"![{name}]({name})" in text
+    assert json.loads((run_dir / "summary.json").read_text())["fidelity"][0]["windows"] == 2
+
+
+def test_report_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        build_report(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no results"):
+        build_report(tmp_path)
