@@ -34,12 +34,16 @@ def prepare_model(model) -> None:
 
 
 def make_cache(model, method: str = "full", keep: float = 1.0, *, max_buckets: int = 4,
-               bucket_overhead: int = 1024, **options: Any) -> HeadwiseCache:
+               bucket_overhead: int = 1024, kernel: str = "auto", **options: Any) -> HeadwiseCache:
     """Build a :class:`HeadwiseCache` for ``model`` compressing with ``method`` at ``keep``.
 
     ``options`` are the method's dataclass fields (``heterocache methods`` lists them). Unknown
-    methods / options and ``keep`` outside (0, 1] raise ``ValueError``.
+    methods / options and ``keep`` outside (0, 1] raise ``ValueError``. ``kernel``: decode
+    attention backend, ``"auto"`` (the Triton paged kernel on CUDA when triton is installed, else
+    batched SDPA per bucket), ``"sdpa"`` or ``"triton"``.
     """
+    if kernel not in ("auto", "sdpa", "triton"):
+        raise ValueError(f"kernel={kernel!r} is invalid; choose 'auto', 'sdpa' or 'triton'")
     keep = validate_keep(keep)
     instance = build_method(method, **options)
     if hasattr(instance, "bind_model"):
@@ -51,6 +55,12 @@ def make_cache(model, method: str = "full", keep: float = 1.0, *, max_buckets: i
         bucket_options={"max_buckets": max_buckets, "overhead": bucket_overhead}, geometry=geometry,
     )
     cache.model_config = model.config
+    if kernel == "auto":
+        from heterocache.attention.triton import triton_available
+
+        kernel = "triton" if next(model.parameters()).device.type == "cuda" and triton_available(
+            next(model.parameters()).device) else "sdpa"
+    cache.kernel = kernel
     return cache
 
 

@@ -23,6 +23,9 @@ class ResultFile:
         self.lines: list[dict] = []
         if self.path and self.path.is_file():
             self.lines = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
+        for line in self.lines:
+            if line.get("kind") == "decode":
+                line.setdefault("schedule", "sequential")  # lines written before schedules existed
         self.done = {result_key(x) for x in self.lines}
 
     def record(self, line: dict) -> None:
@@ -101,19 +104,24 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     series: dict[str, list] = {}
+    styles: dict[str, str] = {}
+    varying = [k for k in ("batch", "threads", "schedule") if len({str(x.get(k)) for x in rows}) > 1]
     for r in sorted(rows, key=lambda r: r["context"]):
         label = r["method"] if r["method"] == "full" else f"{r['method']} keep {r['keep']:g}"
-        if len({x["batch"] for x in rows}) > 1:
-            label += f" (batch {r['batch']})"
+        setting = ", ".join(f"{k} {r.get(k)}" for k in varying)
+        if setting:  # one line per setting, never joining points measured under different settings
+            label += f" ({setting})"
+        styles[label] = setting
         series.setdefault(label, []).append((r["context"], r["decode_ms"]))
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    dashes = {setting: ("-", "--", ":", "-.")[i % 4] for i, setting in enumerate(dict.fromkeys(styles.values()))}
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for label, points in series.items():
-        ax.plot(*zip(*points), marker="o", label=label)
+        ax.plot(*zip(*points), marker="o", label=label, linestyle=dashes[styles[label]])
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("decode ms / token (median)")
     ax.set_title(f"decode latency: {rows[0]['model']} on {rows[0]['device']}" if rows else "decode latency")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=6 if len(series) > 8 else 8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -20,6 +20,11 @@ from heterocache.attention.ragged import bucket_attention, key_mask, plan_bucket
 
 GROWTH = 1.25
 MIN_HEADROOM = 16
+PAGE = 16  # capacities are page multiples so a bucket is also a paged pool (attention/triton.py)
+
+
+def _round_page(n: int) -> int:
+    return -(-n // PAGE) * PAGE
 
 
 @dataclass
@@ -57,7 +62,7 @@ class Bucket:
         need = self.max_len + extra
         if need <= self.capacity:
             return
-        cap = max(need, int(self.capacity * GROWTH) + MIN_HEADROOM)
+        cap = _round_page(max(need, int(self.capacity * GROWTH) + MIN_HEADROOM))
         n, _, d = self.keys.shape
         for name in ("keys", "values", "positions"):
             old = getattr(self, name)
@@ -171,7 +176,7 @@ class HeadwiseLayer(CacheLayerMixin):
             seq = torch.tensor(members, dtype=torch.long, device=keys.device)
             max_len = max(count_list[i] for i in members)
             room = headroom if headroom is not None else max(MIN_HEADROOM, max_len // 16)
-            cap = max_len + room
+            cap = _round_page(max_len + room)
             idx = order[seq, :max_len]
             bk = flat_k.new_zeros((len(members), cap, d))
             bv = flat_v.new_zeros((len(members), cap, d))
@@ -278,7 +283,10 @@ class HeadwiseLayer(CacheLayerMixin):
             n = bucket.max_len
             mask = key_mask(bucket.lengths, n, q, group, bucket.uniform, min_pos, bucket.positions)
             qb = flat_q if bucket.is_identity else flat_q[bucket.seq]
-            res = bucket_attention(qb, bucket.keys[:, :n], bucket.values[:, :n], mask, scaling)
+            if self.cache.kernel == "triton" and min_pos is None:
+                res = _triton_bucket(qb, bucket, scaling, q)
+            else:
+                res = bucket_attention(qb, bucket.keys[:, :n], bucket.values[:, :n], mask, scaling)
             if out is None:
                 out = res
             else:
@@ -303,6 +311,15 @@ class HeadwiseLayer(CacheLayerMixin):
         return int(sum(int(bk.lengths.sum()) for bk in self.buckets)) * per_token
 
 
+def _triton_bucket(query: torch.Tensor, bucket: Bucket, scaling: float, q: int) -> torch.Tensor:
+    """The paged Triton kernel over a bucket's storage viewed as pages (no copy)."""
+    from heterocache.attention.triton import dense_as_pages, paged_decode_attention
+
+    key_pool, value_pool, table = dense_as_pages(bucket.keys, bucket.values, PAGE)
+    return paged_decode_attention(query.contiguous(), key_pool, value_pool, table, bucket.lengths, scaling,
+                                  new_tokens=q)
+
+
 class HeadwiseCache(Cache):
     """A ``Cache`` whose layers keep a ragged, per-(batch, KV head) set of tokens.
 
@@ -315,6 +332,7 @@ class HeadwiseCache(Cache):
         self.method, self.keep = method, keep
         self.model_geometry = geometry or {}
         self.model_config = None  # set by make_cache: checked once per layer at first update
+        self.kernel = "sdpa"  # or "triton" (paged decode kernel, CUDA; set by make_cache)
         self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
         self.bucket_options = bucket_options or {}
         self.method_state: dict[str, Any] = {}
