@@ -83,7 +83,7 @@ def format_table(rows: list[dict], length: int, question_mode: str) -> str:
 def _short(answer: str) -> str:
     """The number the model answered, else the start of its answer."""
     digits = re.findall(r"\d{3,}", answer)
-    return digits[0] if digits else (answer[:10] or "-")
+    return digits[0] if digits else (answer[:24] + "..." if len(answer) > 24 else answer or "-")
 
 
 def plot_demo(rows: list[dict], path: Path, keep: float) -> None:
