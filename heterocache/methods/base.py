@@ -59,6 +59,10 @@ class PrefillContext:
     def seq_len(self) -> int:
         return self.keys.shape[2]
 
+    def keep_all(self) -> torch.Tensor:
+        """Mask ``(B, Hkv, T)`` keeping every valid (non-padding) token."""
+        return self.valid[:, None, :].expand(-1, self.n_kv_heads, -1).clone()
+
 
 @dataclass
 class DecodeContext:

@@ -18,4 +18,4 @@ class Full(Method):
     description = "FullKV: no compression (exact reference)"
 
     def select(self, ctx: PrefillContext) -> torch.Tensor:
-        return ctx.valid[:, None, :].expand(-1, ctx.n_kv_heads, -1).clone()
+        return ctx.keep_all()

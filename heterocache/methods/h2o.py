@@ -69,7 +69,7 @@ class H2O(Method):
         budget = layer_budget(ctx, lambda n: uniform_budgets(ctx.keep, n, ctx.n_layers, ctx.n_kv_heads))
         recent = budget - budget // 2 if self.decode_eviction else self.window
         if keeps_everything(ctx, budget) and not self.decode_eviction:
-            return ctx.valid[:, None, :].expand(-1, ctx.n_kv_heads, -1).clone()
+            return ctx.keep_all()
         sums = causal_column_sums(ctx.queries, ctx.keys, ctx.scaling, ctx.valid, self.chunk)
         if self.normalize:
             seen_by = ctx.valid.flip(-1).cumsum(-1).flip(-1).clamp(min=1)  # valid query rows i >= j

@@ -182,7 +182,7 @@ class HeteroCache(Method):
     def select(self, ctx: PrefillContext) -> torch.Tensor:
         runtime = ctx.state["runtime"]
         budget, full = runtime.layer_plan(ctx)  # (B, H) long, (B, H) bool
-        keep = ctx.valid[:, None, :].expand(-1, ctx.n_kv_heads, -1).clone()
+        keep = ctx.keep_all()
         if bool(full.all()):
             return keep
         scores = window_votes(ctx, self.window, self.kernel, self.pooling, "mean")

@@ -73,6 +73,6 @@ class SnapKV(Method):
     def select(self, ctx: PrefillContext) -> torch.Tensor:
         budget = layer_budget(ctx, lambda n: self.budgets(ctx, n))
         if keeps_everything(ctx, budget):
-            return ctx.valid[:, None, :].expand(-1, ctx.n_kv_heads, -1).clone()
+            return ctx.keep_all()
         scores = window_votes(ctx, self.window, self.kernel, self.pooling, self.gqa)
         return select_with_forced(scores, ctx.valid, budget, 0, self.window)

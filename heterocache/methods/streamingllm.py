@@ -46,7 +46,7 @@ class StreamingLLM(Method):
     def select(self, ctx: PrefillContext) -> torch.Tensor:
         budget = layer_budget(ctx, lambda n: uniform_budgets(ctx.keep, n, ctx.n_layers, ctx.n_kv_heads))
         if keeps_everything(ctx, budget):
-            return ctx.valid[:, None, :].expand(-1, ctx.n_kv_heads, -1).clone()
+            return ctx.keep_all()
         mask, _ = forced_keep(ctx.valid, budget, self.sinks, ctx.seq_len)
         return mask
 

@@ -51,7 +51,7 @@ class TOVA(Method):
     def select(self, ctx: PrefillContext) -> torch.Tensor:
         budget = layer_budget(ctx, lambda n: uniform_budgets(ctx.keep, n, ctx.n_layers, ctx.n_kv_heads))
         if keeps_everything(ctx, budget):
-            return ctx.valid[:, None, :].expand(-1, ctx.n_kv_heads, -1).clone()
+            return ctx.keep_all()
         last_row = window_attention(ctx.queries, ctx.keys, 1, ctx.scaling, ctx.valid)[:, :, 0]  # (B, Hq, T)
         scores = last_row.mean(dim=1, keepdim=True).expand(-1, ctx.n_kv_heads, -1)
         return topk_mask(scores, budget, ctx.valid)
