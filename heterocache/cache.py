@@ -340,8 +340,7 @@ class HeadwiseCache(Cache):
         self.tiers: dict[str, Any] = {}
         self.counters: dict[str, float] = {}
         super().__init__(layers=[HeadwiseLayer(self, i) for i in range(n_layers)])
-        self.has_decode_hook = (type(method).on_decode_step is not _base_hook()
-                                and bool(getattr(method, "needs_decode_hook", True)))
+        self.has_decode_hook = bool(method.needs_decode_hook)
         self.has_pre_hook = hasattr(method, "before_decode_attention")
         method.setup(self)
 
@@ -386,8 +385,3 @@ class HeadwiseCache(Cache):
         out.update(self.counters)
         return out
 
-
-def _base_hook():
-    from heterocache.methods.base import Method
-
-    return Method.on_decode_step

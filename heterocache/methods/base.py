@@ -89,12 +89,18 @@ class Method:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    #: True when the method needs the reference attention path at decode (it reads scores)
-    needs_decode_hook: ClassVar[bool] = False
 
     def select(self, ctx: PrefillContext) -> torch.Tensor:
         """Return a bool mask ``(B, Hkv, T)`` of the prompt tokens to keep (never padding)."""
         raise NotImplementedError
+
+    @property
+    def needs_decode_hook(self) -> bool:
+        """Whether the cache must call ``on_decode_step``: by default, when a subclass defines it.
+
+        Methods whose hook only matters for some options (e.g. decode eviction) override this.
+        """
+        return type(self).on_decode_step is not Method.on_decode_step
 
     def on_decode_step(self, ctx: DecodeContext) -> None:  # pragma: no cover - default no-op
         return None
