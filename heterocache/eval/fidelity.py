@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -106,7 +105,7 @@ def run_fidelity(model, tokenizer, config: FidelityConfig) -> Path:
     from transformers import DynamicCache
 
     from heterocache.eval.report import fidelity_key, write_summary
-    from heterocache.eval.runner import build_cache, read_jsonl
+    from heterocache.eval.runner import append_result, build_cache, read_jsonl
 
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -140,9 +139,7 @@ def run_fidelity(model, tokenizer, config: FidelityConfig) -> Path:
                         "model": config.model_id, "settings": settings, "context_tokens": len(context),
                         **score_window(reference, logits, targets),
                         "keep_fraction": stats.get("keep_fraction", 1.0), "seconds": round(seconds, 3)}
-                handle.write(json.dumps(line) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
+                append_result(handle, line)
                 bar.update(1)
     bar.close()
     write_summary(out_dir)

@@ -116,6 +116,13 @@ def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
     return lines
 
 
+def append_result(handle, line: dict) -> None:
+    """Write one result line and make it durable before the next sample starts (resume safety)."""
+    handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
 def build_cache(model, method: str, keep: float, options: dict[str, Any] | None = None):
     """A fresh cache for one sample (``hc.make_cache``)."""
     from heterocache.api import make_cache
@@ -274,9 +281,7 @@ def run_samples(model, tokenizer, samples: Iterable[Sample], config: RunConfig) 
                     "extra": {k: v for k, v in sample.extra.items() if isinstance(v, int | float | str | bool)},
                 }
                 line["score"] = score_prediction(sample, line["prediction"])
-                handle.write(json.dumps(line, ensure_ascii=False) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
+                append_result(handle, line)
                 bar.update(1)
             bar.close()
     write_summary(out_dir)
