@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from heterocache.attention import interface
+from heterocache.budget import validate_keep
 from heterocache.cache import HeadwiseCache
 from heterocache.methods.base import build_method
 from heterocache.models import model_geometry
-
-
-def validate_keep(keep: Any) -> float:
-    """``keep`` must be a real number in (0, 1]."""
-    try:
-        value = float(keep)
-    except (TypeError, ValueError):
-        raise ValueError(f"keep={keep!r} must be a number in (0, 1]") from None
-    if math.isnan(value) or not 0.0 < value <= 1.0:
-        raise ValueError(f"keep={keep!r} must be in (0, 1] (the fraction of prompt KV entries kept)")
-    return value
 
 
 def prepare_model(model) -> None:
@@ -63,12 +52,3 @@ def make_cache(model, method: str = "full", keep: float = 1.0, *, max_buckets: i
     cache.kernel = kernel
     return cache
 
-
-def check_prompt_length(model, n_tokens: int, max_new_tokens: int = 0) -> None:
-    """Raise a clear error when the prompt (+ generation) exceeds the model's context window."""
-    limit = model_geometry(model)["max_positions"]
-    if limit and n_tokens + max_new_tokens > limit:
-        raise ValueError(
-            f"prompt of {n_tokens} tokens + max_new_tokens={max_new_tokens} exceeds the model's context "
-            f"window of {limit} tokens; shorten the prompt"
-        )

@@ -145,7 +145,7 @@ class Bench:
         peak memory is then the group's). A run whose method rejects the setting (``ValueError``) is
         skipped with a message. Returns one result line per measured run.
         """
-        from heterocache.api import make_cache
+        from heterocache import make_cache
 
         ids = self.prompt(context, batch)
         measured, caches, tokens, prefills = [], [], [], []
@@ -216,7 +216,7 @@ def _plan(methods: list[str], keeps: list[float]) -> list[tuple[str, float]]:
 
 def _selection(args) -> tuple[list[int], list[str], list[float], list[int], dict]:
     """Validated ``(contexts, methods, keeps, batches, method options)``, before the model loads."""
-    from heterocache.api import validate_keep
+    from heterocache.budget import validate_keep
     from heterocache.methods.base import available_methods
 
     contexts = parse_contexts(args.context)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def _parse_keep(text: str) -> float:
-    from heterocache.api import validate_keep
+    from heterocache.budget import validate_keep
 
     try:
         return validate_keep(text)
@@ -60,7 +60,7 @@ def cmd_generate(args) -> int:
     import torch
 
     import heterocache as hc
-    from heterocache.api import check_prompt_length
+    from heterocache.models import check_prompt_length
 
     prompt = _read_prompt(args)
     model, tok = hc.load_model(args.model)

@@ -172,3 +172,14 @@ def load_embedded_tokenizer():
     if not (target / "tokenizer.json").is_file():
         _load_embedded(None)
     return AutoTokenizer.from_pretrained(target)
+
+
+
+def check_prompt_length(model, n_tokens: int, max_new_tokens: int = 0) -> None:
+    """Raise a clear error when the prompt (+ generation) exceeds the model's context window."""
+    limit = model_geometry(model)["max_positions"]
+    if limit and n_tokens + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt of {n_tokens} tokens + max_new_tokens={max_new_tokens} exceeds the model's context "
+            f"window of {limit} tokens; shorten the prompt"
+        )

@@ -9,8 +9,8 @@ import torch
 from conftest import left_padded_batch, tiny_model
 
 import heterocache as hc
-from heterocache.api import check_prompt_length
 from heterocache.methods.base import Method, PrefillContext, register
+from heterocache.models import check_prompt_length
 
 
 @register

@@ -51,7 +51,7 @@ def suite_names() -> list[str]:
 
 def _validate(args) -> tuple[list[str], list[float]]:
     """Check names and values before the (slow) model load."""
-    from heterocache.api import validate_keep
+    from heterocache.budget import validate_keep
     from heterocache.eval.runner import QUESTION_MODES, parse_shard
     from heterocache.eval.tasks import registry
     from heterocache.methods.base import available_methods

@@ -125,7 +125,7 @@ def append_result(handle, line: dict) -> None:
 
 def build_cache(model, method: str, keep: float, options: dict[str, Any] | None = None):
     """A fresh cache for one sample (``hc.make_cache``)."""
-    from heterocache.api import make_cache
+    from heterocache import make_cache
 
     return make_cache(model, method, keep, **(options or {}))
 
@@ -238,8 +238,8 @@ def run_samples(model, tokenizer, samples: Iterable[Sample], config: RunConfig) 
     """Evaluate every (sample, method, keep) not yet in ``config.out_dir``; returns the results file."""
     from tqdm.auto import tqdm
 
-    from heterocache.api import check_prompt_length
     from heterocache.eval.report import write_summary
+    from heterocache.models import check_prompt_length
 
     if config.question_mode not in QUESTION_MODES:
         raise ValueError(f"question_mode={config.question_mode!r}; choose one of {QUESTION_MODES}")
