@@ -1,7 +1,7 @@
 """heterocache: long-context inference with a compressed, per-head (heterogeneous) KV cache."""
 
-from heterocache.api import make_cache
 from heterocache.cache import HeadwiseCache
+from heterocache.hf import make_cache
 from heterocache.methods.base import available_methods
 from heterocache.models import load_model
 from heterocache.profiling.api import profile_heads

@@ -7,6 +7,7 @@ how that total is spread:
 - :func:`uniform_budgets`: ``keep * L`` per (layer, KV head), remainder one token at a time, layer-major.
 - :func:`pyramid_budgets`: PyramidKV's arithmetic layer schedule (spec/baselines.md section 4).
 - :func:`weighted_budgets`: proportional water-filling with per-item bounds (CAKE, HeteroCache).
+- :func:`allocate`: HeteroCache's per-head budgets and full-head flags from a head profile.
 
 All integer results are exact: rationals (:class:`fractions.Fraction`) inside, largest remainder
 rounding with ties broken by the lower index, so the same inputs always give the same budgets.
@@ -20,7 +21,10 @@ from fractions import Fraction
 
 import torch
 
+EPS = 1e-6  # stability floor of the profile weights w = M / (S + eps)
+
 __all__ = [
+    "allocate",
     "budget_table",
     "pyramid_budgets",
     "split_evenly",
@@ -186,3 +190,52 @@ def budget_table(schedule: Callable[[int], list[list[int]]], prompt_lengths: tor
     lengths = [int(x) for x in prompt_lengths.tolist()]
     cache = {length: torch.tensor(schedule(length), dtype=torch.long) for length in set(lengths)}
     return torch.stack([cache[length] for length in lengths]).to(prompt_lengths.device)
+
+
+def allocate(profile, keep: float, prompt_len: int, weighting: str = "profile", min_tokens: int = 5,
+             max_full_share: float = 1.0):
+    """Per-head budgets and full-head flags for one prompt length.
+
+    Returns ``(budgets [L][H] int, full [L][H] bool)``. When ``keep`` cannot pay for every full
+    head plus ``min_tokens`` per compressed head, full heads are demoted to compressed ones, the
+    most stable first (volatile heads before pivots): the fewest demotions that fit. A demoted
+    pivot stops monitoring; its satellites then stay static. Demotion continues while full heads
+    would take more than ``max_full_share`` of the total (so compressed heads are never starved).
+    Raises ``ValueError`` only when even ``min_tokens`` per head does not fit.
+    """
+    layers, heads = profile.n_layers, profile.n_kv_heads
+    n = layers * heads
+    total = total_budget(keep, prompt_len, layers, heads)
+    floor_tokens = min(min_tokens, prompt_len)
+    if total < n * floor_tokens:
+        raise ValueError(
+            f"keep={keep} leaves {total} tokens for {n} heads; heterocache needs at least {floor_tokens} per head "
+            f"(keep >= {n * floor_tokens / (prompt_len * n):.4f} for a {prompt_len}-token prompt)"
+        )
+    records = [h for row in profile.heads for h in row]
+    full = {(h.layer, h.head) for h in records if h.is_full}
+    demote_order = sorted((h for h in records if h.is_full),
+                          key=lambda h: (h.role == "pivot", -h.stability, h.layer, h.head))
+    for h in demote_order:
+        fits = len(full) * prompt_len + (n - len(full)) * floor_tokens <= total
+        if fits and len(full) * prompt_len <= max_full_share * total:
+            break
+        full.discard((h.layer, h.head))
+    compressed = [h for h in records if (h.layer, h.head) not in full]
+    if weighting == "uniform":
+        weights = [1.0] * len(compressed)
+    elif weighting == "profile":
+        # profile weights are M * (1/(S+eps)) / sum(...); demoted full heads have none: give them the
+        # same formula on the same scale (the normalising constant of the profile's own weights)
+        scales = [h.weight * (h.stability + EPS) for h in records if h.weight is not None]
+        scale = sum(scales) / len(scales) if scales else 1.0
+        weights = [h.weight if h.weight is not None else scale / (h.stability + EPS) for h in compressed]
+    else:
+        raise ValueError(f"weighting={weighting!r} is invalid; choose 'profile' or 'uniform'")
+    shares = weighted_budgets(total - len(full) * prompt_len, weights, [prompt_len] * len(compressed),
+                              floor_tokens) if compressed else []
+    budgets = [[prompt_len] * heads for _ in range(layers)]
+    is_full = [[(layer, head) in full for head in range(heads)] for layer in range(layers)]
+    for h, share in zip(compressed, shares):
+        budgets[h.layer][h.head] = share
+    return budgets, is_full

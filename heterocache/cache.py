@@ -1,11 +1,15 @@
 """HeadwiseCache: a transformers ``Cache`` where every (batch row, layer, KV head) keeps its own
-ragged sequence of tokens (keys, values, original positions).
+ragged sequence of tokens (keys, values, original positions), and that drives its method.
 
-Storage per layer: *buckets* of sequences with similar lengths (attention/ragged.py). A bucket
-holds ``keys``/``values (n, capacity, D)``, ``positions (n, capacity)`` and ``lengths (n,)``;
+Storage per layer: *buckets* of sequences with similar lengths (``attention.ragged.Bucket``). A
+bucket holds ``keys``/``values (n, capacity, D)``, ``positions (n, capacity)`` and ``lengths (n,)``;
 sequence id ``s = b * Hkv + h``. Appends write in place and grow the capacity geometrically
 (amortised O(1)). Dropped tokens are never stored: the prefill keeps gathered copies only, so
 device bytes fall with ``keep``.
+
+The step protocol (docs/DESIGN.md s.3) lives in :meth:`HeadwiseCache.compress` (end of a layer's
+prefill) and :meth:`HeadwiseCache.decode` (one decode attention); ``hf.py`` only routes the model's
+attention calls here.
 """
 
 from __future__ import annotations
@@ -16,15 +20,10 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from heterocache.attention.ragged import bucket_attention, key_mask, plan_buckets
-
-GROWTH = 1.25
-MIN_HEADROOM = 16
-PAGE = 16  # capacities are page multiples so a bucket is also a paged pool (attention/triton.py)
-
-
-def _round_page(n: int) -> int:
-    return -(-n // PAGE) * PAGE
+from heterocache.attention import decode_attention, plan_buckets
+from heterocache.attention.ragged import MIN_HEADROOM, Bucket, round_page
+from heterocache.budget import budget_table
+from heterocache.methods.base import DecodeContext, PrefillContext
 
 
 @dataclass
@@ -39,36 +38,6 @@ class PendingKV:
     @property
     def shape(self):  # some model code reads key.shape[-2] (kv length)
         return self.keys.shape
-
-
-class Bucket:
-    """Sequences ``seq (n,)`` stored densely: ``keys/values (n, cap, D)``, ``positions (n, cap)``."""
-
-    def __init__(self, seq, keys, values, positions, lengths, max_len: int, uniform: bool):
-        self.seq = seq
-        self.keys, self.values, self.positions = keys, values, positions
-        self.lengths = lengths
-        self.max_len = max_len  # python int, avoids a device sync per step
-        self.uniform = uniform  # all lengths equal
-
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[1]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions))
-
-    def reserve(self, extra: int) -> None:
-        need = self.max_len + extra
-        if need <= self.capacity:
-            return
-        cap = _round_page(max(need, int(self.capacity * GROWTH) + MIN_HEADROOM))
-        n, _, d = self.keys.shape
-        for name in ("keys", "values", "positions"):
-            old = getattr(self, name)
-            new = old.new_zeros((n, cap, d) if old.dim() == 3 else (n, cap))
-            new[:, : self.max_len] = old[:, : self.max_len]
-            setattr(self, name, new)
 
 
 class HeadwiseLayer(CacheLayerMixin):
@@ -176,7 +145,7 @@ class HeadwiseLayer(CacheLayerMixin):
             seq = torch.tensor(members, dtype=torch.long, device=keys.device)
             max_len = max(count_list[i] for i in members)
             room = headroom if headroom is not None else max(MIN_HEADROOM, max_len // 16)
-            cap = _round_page(max_len + room)
+            cap = round_page(max_len + room)
             idx = order[seq, :max_len]
             bk = flat_k.new_zeros((len(members), cap, d))
             bv = flat_v.new_zeros((len(members), cap, d))
@@ -187,8 +156,7 @@ class HeadwiseLayer(CacheLayerMixin):
                 bp[:, :max_len] = torch.gather(flat_p[seq], 1, idx)
             lens = counts[seq]
             uniform = len({count_list[i] for i in members}) == 1
-            bucket = Bucket(seq, bk, bv, bp, lens, max_len, uniform)
-            bucket.is_identity = len(members) == b * h
+            bucket = Bucket(seq, bk, bv, bp, lens, max_len, uniform, len(members) == b * h)
             for row, member in enumerate(members):
                 self.locate[member] = (len(self.buckets), row)
             self.buckets.append(bucket)
@@ -268,32 +236,6 @@ class HeadwiseLayer(CacheLayerMixin):
         keys, values, positions, _ = self.padded()
         self.store(keys, values, positions, keep & (positions >= 0))
 
-    # --- attention ----------------------------------------------------------------------------
-    def attend(self, query: torch.Tensor, scaling: float, sliding_window: int | None = None) -> torch.Tensor:
-        """Decode attention of ``query (B, Hq, q, D)`` over the stored tokens -> ``(B, q, Hq, D)``."""
-        b, hq, q, d = query.shape
-        h = self.n_kv_heads
-        group = hq // h
-        flat_q = query.reshape(b * h, group * q, d)
-        out = query.new_empty((b * h, group * q, d)) if len(self.buckets) > 1 else None
-        min_pos = None
-        if sliding_window and self.seen > sliding_window:
-            min_pos = torch.tensor(self.seen - sliding_window, device=query.device)
-        for bucket in self.buckets:
-            n = bucket.max_len
-            mask = key_mask(bucket.lengths, n, q, group, bucket.uniform, min_pos, bucket.positions)
-            qb = flat_q if bucket.is_identity else flat_q[bucket.seq]
-            if self.cache.kernel == "triton" and min_pos is None:
-                res = _triton_bucket(qb, bucket, scaling, q)
-            else:
-                res = bucket_attention(qb, bucket.keys[:, :n], bucket.values[:, :n], mask, scaling)
-            if out is None:
-                out = res
-            else:
-                out[bucket.seq] = res
-        out = out.view(b, h, group, q, d).permute(0, 3, 1, 2, 4)
-        return out.reshape(b, q, hq, d)
-
     # --- accounting ---------------------------------------------------------------------------
     def kept_prompt_tokens(self) -> torch.Tensor:
         """``(B, Hkv)`` number of stored tokens with position < prefill length."""
@@ -311,15 +253,6 @@ class HeadwiseLayer(CacheLayerMixin):
         return int(sum(int(bk.lengths.sum()) for bk in self.buckets)) * per_token
 
 
-def _triton_bucket(query: torch.Tensor, bucket: Bucket, scaling: float, q: int) -> torch.Tensor:
-    """The paged Triton kernel over a bucket's storage viewed as pages (no copy)."""
-    from heterocache.attention.triton import dense_as_pages, paged_decode_attention
-
-    key_pool, value_pool, table = dense_as_pages(bucket.keys, bucket.values, PAGE)
-    return paged_decode_attention(query.contiguous(), key_pool, value_pool, table, bucket.lengths, scaling,
-                                  new_tokens=q)
-
-
 class HeadwiseCache(Cache):
     """A ``Cache`` whose layers keep a ragged, per-(batch, KV head) set of tokens.
 
@@ -328,60 +261,110 @@ class HeadwiseCache(Cache):
     """
 
     def __init__(self, method, keep: float, n_layers: int, n_kv_heads: int, head_dim: int,
-                 bucket_options: dict[str, int] | None = None, geometry: dict[str, int] | None = None):
+                 bucket_options: dict[str, int] | None = None, geometry: dict[str, int] | None = None,
+                 attention_backend: str = "sdpa", model_config: Any = None):
         self.method, self.keep = method, keep
         self.model_geometry = geometry or {}
-        self.model_config = None  # set by make_cache: checked once per layer at first update
-        self.kernel = "sdpa"  # or "triton" (paged decode kernel, CUDA; set by make_cache)
+        self.model_config = model_config  # checked once per layer at first update
+        self.attention_backend = attention_backend  # "sdpa" or "triton" (resolved by make_cache)
         self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
         self.bucket_options = bucket_options or {}
-        self.method_state: dict[str, Any] = {}
         self.prompt_lengths: torch.Tensor | None = None
-        self.tiers: dict[str, Any] = {}
-        self.counters: dict[str, float] = {}
+        self.budget: torch.Tensor | None = None  # (B, n_layers, Hkv) kept prompt tokens, set at prefill
         super().__init__(layers=[HeadwiseLayer(self, i) for i in range(n_layers)])
-        self.has_decode_hook = bool(method.needs_decode_hook)
-        self.has_pre_hook = hasattr(method, "before_decode_attention")
         method.setup(self)
 
+    # --- the step protocol --------------------------------------------------------------------
+    def compress(self, layer: HeadwiseLayer, module, query: torch.Tensor, keys: torch.Tensor,
+                 values: torch.Tensor, valid: torch.Tensor, scaling: float) -> None:
+        """End of ``layer``'s prefill: the method selects, the layer stores only the kept tokens.
+
+        ``query (B, Hq, T, D)``, ``keys/values (B, Hkv, T, D)``, ``valid (B, T)`` (False on padding).
+        """
+        b, h, length, _ = keys.shape
+        if self.budget is None:
+            self.prompt_lengths = valid.sum(-1)
+            self.budget = self._budget_table(self.prompt_lengths).to(keys.device)
+        layer.prefill_len = length
+        ctx = PrefillContext(
+            layer_idx=layer.layer_idx, n_layers=self.n_layers, queries=query, keys=keys, values=values,
+            valid=valid, prompt_lengths=self.prompt_lengths, scaling=scaling, keep=self.keep,
+            budget=self.budget[:, layer.layer_idx], cache=self, module=module,
+        )
+        keep = self.method.select(ctx)
+        if keep.shape != (b, h, length) or keep.dtype != torch.bool:
+            raise RuntimeError(
+                f"method {self.method.name!r} returned a mask of shape {tuple(keep.shape)} / {keep.dtype}; "
+                f"expected bool {(b, h, length)}"
+            )
+        positions = torch.arange(length, device=keys.device).expand(b, h, length)
+        layer.store(keys, values, positions, keep & valid[:, None, :])
+
+    def decode(self, layer: HeadwiseLayer, query: torch.Tensor, scaling: float,
+               sliding_window: int | None = None) -> torch.Tensor:
+        """One decode attention of ``layer`` (its new tokens already appended): ``query (B, Hq, q, D)``
+        -> ``(B, q, Hq, D)``. The method's hooks run before and after, except at ``keep=1.0``."""
+        hooks = self.keep < 1.0  # keep=1.0 is FullKV, during decode too
+        if hooks:
+            self.method.before_decode_attention(layer)
+        min_position = layer.seen - sliding_window if sliding_window and layer.seen > sliding_window else None
+        out = decode_attention(query, layer.buckets, layer.n_kv_heads, scaling, self.attention_backend, min_position)
+        layer.decode_steps += 1
+        if hooks:
+            self.method.on_decode_step(DecodeContext(
+                layer_idx=layer.layer_idx, n_layers=self.n_layers, queries=query, layer=layer,
+                step=layer.decode_steps, scaling=scaling, keep=self.keep,
+                budget=self.budget[:, layer.layer_idx],
+            ))
+        return out
+
+    def _budget_table(self, prompt_lengths: torch.Tensor) -> torch.Tensor:
+        """``(B, n_layers, Hkv)`` budgets from the method; every head keeps at least one prompt token."""
+        table = budget_table(lambda n: self.method.budgets(self.keep, n, self.n_layers, self.n_kv_heads),
+                             prompt_lengths.cpu())
+        starved = (table == 0) & (prompt_lengths.cpu()[:, None, None] > 0)
+        if bool(starved.any()):
+            row = int(starved.any(-1).any(-1).nonzero()[0])
+            length = int(prompt_lengths[row])
+            raise ValueError(
+                f"keep={self.keep} leaves {int(starved[row].sum())} of the {self.n_layers * self.n_kv_heads} "
+                f"(layer, KV head) pairs of method {self.method.name!r} without any token of a {length}-token "
+                f"prompt; raise keep (at least ~{1 / length:.3g} for this prompt) or shorten the model's budget split"
+            )
+        return table
+
+    # --- lifecycle ----------------------------------------------------------------------------
     def reset(self) -> None:
         for layer in self.layers:
             layer.reset()
-        self.close()
-        self.method_state.clear()
+        self.method.close()
         self.prompt_lengths = None
-        self.counters.clear()
+        self.budget = None
         self.method.setup(self)
 
     def close(self) -> None:
         """Stop background work and delete slow-tier copies (files of the disk tier)."""
-        runtime = self.method_state.get("runtime")
-        if runtime is not None:
-            runtime.close()
-        for tier in self.tiers.values():
-            tier.close() if hasattr(tier, "close") else tier.clear()
-        self.tiers.clear()
+        self.method.close()
 
     def stats(self) -> dict[str, Any]:
-        """Measured statistics from the tensors actually held."""
+        """Measured statistics from the tensors actually held, merged with the method's own."""
         layers = [layer for layer in self.layers if layer.buckets]
         prompt = int(self.prompt_lengths.sum()) if self.prompt_lengths is not None else 0
         kept = sum(int(layer.kept_prompt_tokens().sum()) for layer in layers)
         denom = prompt * self.n_layers * self.n_kv_heads
-        out = {
+        out: dict[str, Any] = {
             "method": self.method.name,
             "keep": self.keep,
             "keep_fraction": kept / denom if denom else 1.0,
             "prompt_tokens": prompt,
             "kept_tokens": kept,
             "seen_tokens": self.get_seq_length(),
-            "device_bytes": sum(layer.nbytes() for layer in layers)
-            + sum(t.nbytes() for name, t in self.tiers.items() if name == "device"),
+            "device_bytes": sum(layer.nbytes() for layer in layers),
             "device_used_bytes": sum(layer.used_bytes() for layer in layers),
-            "host_bytes": sum(t.nbytes() for name, t in self.tiers.items() if name == "host"),
-            "disk_bytes": sum(t.nbytes() for name, t in self.tiers.items() if name == "disk"),
+            "host_bytes": 0,
+            "disk_bytes": 0,
             "buckets_per_layer": max((len(layer.buckets) for layer in layers), default=0),
         }
-        out.update(self.counters)
+        for name, value in self.method.stats().items():
+            out[name] = out[name] + value if name in ("device_bytes", "host_bytes", "disk_bytes") else value
         return out
-

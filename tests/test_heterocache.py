@@ -10,13 +10,14 @@ from conftest import left_padded_batch, tiny_model
 from transformers import DynamicCache
 
 import heterocache as hc
-from heterocache.attention.interface import headwise_attention
+from heterocache.budget import allocate
 from heterocache.cache import HeadwiseCache
-from heterocache.methods.heterocache import HeteroCache, allocate
+from heterocache.hf import headwise_attention
+from heterocache.methods.heterocache import HeteroCache
+from heterocache.methods.heterocache.tiers import DiskTier, MemoryTier
 from heterocache.methods.scoring import select_with_forced
 from heterocache.methods.snapkv import window_votes
 from heterocache.profiling.profile import HeadProfile, HeadRecord, model_fingerprint
-from heterocache.tiers import DiskTier, MemoryTier
 
 ROLES = [["pivot", "satellite", "satellite", "anchor"], ["volatile", "pivot", "satellite", "anchor"]]
 
@@ -134,9 +135,9 @@ def test_constructed_drift_triggers_and_refreshes_region_b():
     assert set(positions[0, 1, :8].tolist()) <= set(range(7, 17)) | {63}  # max-pool kernel 7 around 10..13
     new_k, new_v = torch.zeros((1, 2, 1, 8)), torch.zeros((1, 2, 1, 8))
     _step(cache, module, new_k, new_v, u)  # step 1: still region A
-    assert cache.counters["retrieval_triggers"] == 0 and cache.counters["retrieval_checks"] == 1
+    assert cache.stats()["retrieval_triggers"] == 0 and cache.stats()["retrieval_checks"] == 1
     _step(cache, module, new_k, new_v, v)  # step 2: attention moves to region B -> trigger
-    assert cache.counters["retrieval_triggers"] == 1
+    assert cache.stats()["retrieval_triggers"] == 1
     _, _, positions, _ = cache.layers[0].padded()
     assert set(positions[0, 1, :8].tolist()) <= set(range(7, 17)) | {63}  # max-pool kernel 7 around 10..13  # applied only at the next step
     _step(cache, module, new_k, new_v, v)  # step 3: the refreshed set is swapped in first
@@ -145,7 +146,7 @@ def test_constructed_drift_triggers_and_refreshes_region_b():
     assert set(range(40, 44)) <= set(kept) and set(kept) <= set(range(38, 46)) | {63}
     assert positions[0, 1, 8:10].tolist() == [64, 65]  # generated tokens stay
     assert lengths[0, 1] == 11
-    assert cache.counters["retrieval_tokens"] == 8
+    assert cache.stats()["retrieval_tokens"] == 8
 
 
 def test_disk_tier_round_trip_and_cleanup(tmp_path):
@@ -158,7 +159,7 @@ def test_disk_tier_round_trip_and_cleanup(tmp_path):
     assert torch.equal(got_k, keys[rows[:, None], pos]) and torch.equal(got_v, values[rows[:, None], pos])
     assert tier.nbytes() > 2 * keys.nbytes
     ref_k, _ = MemoryTier(torch.device("cpu")).put(0, keys, values) or (None, None)
-    tier.clear()
+    tier.close()
     assert list((tmp_path / "tier").iterdir()) == []
 
 

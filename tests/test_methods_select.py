@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from heterocache.budget import pyramid_budgets, split_evenly, total_budget, weighted_budgets
+from heterocache.budget import budget_table, pyramid_budgets, split_evenly, total_budget, weighted_budgets
 from heterocache.methods import DecodeContext, PrefillContext, available_methods, build_method, scoring
 from heterocache.methods.scoring import (
     causal_column_sums,
@@ -75,17 +75,23 @@ def make_inputs(seed: int, length: int = T, pad: int = PAD, temperature: float =
     return queries, keys, valid
 
 
-def context(layer, queries, keys, valid, keep, state, cache=None, n_layers=N_LAYERS):
+def layer_budget(method, layer, valid, keep, n_layers=N_LAYERS):
+    """What the cache hands the method: ``(B, Hkv)`` budgets of ``layer`` from ``method.budgets``."""
+    return budget_table(lambda n: method.budgets(keep, n, n_layers, HKV), valid.sum(-1))[:, layer]
+
+
+def context(method, layer, queries, keys, valid, keep, cache=None, n_layers=N_LAYERS):
     return PrefillContext(layer, n_layers, queries, keys, keys.clone(), valid, valid.sum(-1), SCALING,
-                          keep, state, cache=cache)
+                          keep, layer_budget(method, layer, valid, keep, n_layers), cache=cache)
 
 
 def run_prefill(method, keep, length=T, pad=PAD, n_layers=N_LAYERS, seed=0):
-    """Call select layer by layer with one shared state; return the fake cache and per-layer masks."""
-    state, cache, masks = {}, FakeCache(), []
+    """Call select layer by layer as the cache does; return the fake cache and per-layer masks."""
+    cache, masks = FakeCache(), []
+    method.setup(cache)
     for layer in range(n_layers):
         queries, keys, valid = make_inputs(seed + layer, length, pad, temperature=0.5 + layer)
-        mask = method.select(context(layer, queries, keys, valid, keep, state, cache, n_layers))
+        mask = method.select(context(method, layer, queries, keys, valid, keep, cache, n_layers))
         assert mask.dtype == torch.bool and mask.shape == (B, HKV, length)
         assert not (mask & ~valid[:, None]).any(), "kept a padding token"
         positions = (torch.arange(length) - (~valid).sum(-1, keepdim=True)).clamp(min=0)  # RoPE positions
@@ -165,15 +171,15 @@ def test_snapkv_keeps_what_the_window_attends_to():
     valid = torch.ones(1, T, dtype=torch.bool)
     window = 32
     # keep = 35 / 97 gives every head exactly window + 3 tokens
-    ctx = context(0, queries, keys, valid, 35 / T, {}, n_layers=1)
-    mask = build_method("snapkv", kernel=1).select(ctx)
+    method = build_method("snapkv", kernel=1)
+    mask = method.select(context(method, 0, queries, keys, valid, 35 / T, n_layers=1))
     expected = torch.zeros(T, dtype=torch.bool)
     expected[peaks] = True
     expected[T - window :] = True
     assert (mask == expected).all()
     # default max pooling (kernel 7) spreads each peak over +-3: budget window + 21 keeps those blocks
-    ctx = context(0, queries, keys, valid, 53 / T, {}, n_layers=1)
-    mask = build_method("snapkv").select(ctx)
+    method = build_method("snapkv")
+    mask = method.select(context(method, 0, queries, keys, valid, 53 / T, n_layers=1))
     expected = torch.zeros(T, dtype=torch.bool)
     for p in peaks:
         expected[p - 3 : p + 4] = True
@@ -257,11 +263,11 @@ def test_cake_cascading_equals_one_shot(keep):
                                           ("streamingllm", {"evict_during_decode": True})])
 def test_decode_eviction_keeps_cache_size(name, options):
     method = build_method(name, **options)
-    assert method.needs_decode_hook
-    keep, state, cache = 0.25, {}, FakeCache()
+    keep, cache = 0.25, FakeCache()
+    method.setup(cache)
     for layer in range(N_LAYERS):
         queries, keys, valid = make_inputs(layer)
-        mask = method.select(context(layer, queries, keys, valid, keep, state, cache))
+        mask = method.select(context(method, layer, queries, keys, valid, keep, cache))
         positions = (torch.arange(T) - (~valid).sum(-1, keepdim=True)).clamp(min=0)
         cache.layers.append(FakeLayer(keys, mask, positions[:, None].expand(-1, HKV, -1)))
     before = stored_counts(cache)
@@ -271,7 +277,8 @@ def test_decode_eviction_keeps_cache_size(name, options):
             new_key = torch.randn(B, HKV, 1, D, generator=generator) * 3  # loud: new tokens compete
             stored.append(new_key)
             queries = torch.randn(B, HQ, 1, D, generator=generator)
-            method.on_decode_step(DecodeContext(layer, N_LAYERS, queries, stored, step, SCALING, keep, state, cache))
+            budget = layer_budget(method, layer, valid, keep)
+            method.on_decode_step(DecodeContext(layer, N_LAYERS, queries, stored, step, SCALING, keep, budget))
         torch.testing.assert_close(stored_counts(cache), before)
     if name == "streamingllm":
         positions = cache.layers[0].kept_positions(0, 0)
@@ -280,14 +287,24 @@ def test_decode_eviction_keeps_cache_size(name, options):
         budget = int(before[0, 0, 0])
         positions = cache.layers[0].kept_positions(0, 0)
         assert positions[-(budget - budget // 2) :] == list(range(T + 3 - (budget - budget // 2), T + 3))
-        assert state["scores"][0].shape[-1] == budget
+        assert method.layer_scores[0].shape[-1] == budget
 
 
-def test_prefill_only_methods_need_no_decode_hook():
-    for name in METHODS:
-        if name != "tova":
-            assert not build_method(name).needs_decode_hook
-    assert not build_method("tova", evict_during_decode=False).needs_decode_hook
+@pytest.mark.parametrize("name,options", [*[(m, {}) for m in METHODS if m != "tova"],
+                                          ("tova", {"evict_during_decode": False})])
+def test_prefill_only_methods_leave_decode_alone(name, options):
+    """Prefill-only methods: the decode hook keeps every stored and appended token."""
+    method = build_method(name, **options)
+    cache, _ = run_prefill(method, 0.25)
+    generator = torch.Generator().manual_seed(5)
+    _, _, valid = make_inputs(0)
+    for layer, stored in enumerate(cache.layers):
+        before = stored_counts(cache)[:, layer]
+        stored.append(torch.randn(B, HKV, 1, D, generator=generator) * 3)
+        queries = torch.randn(B, HQ, 1, D, generator=generator)
+        method.on_decode_step(DecodeContext(layer, N_LAYERS, queries, stored, 1, SCALING, 0.25,
+                                            layer_budget(method, layer, valid, 0.25)))
+        torch.testing.assert_close(stored_counts(cache)[:, layer], before + 1)
 
 
 def test_pool1d_hand_computed():

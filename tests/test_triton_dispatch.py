@@ -21,7 +21,7 @@ model = tiny_model("llama", layers=2, heads=6, kv_heads=2)
 ids, mask = left_padded_batch([70, 33], seed=2)
 outs = {}
 for kernel in ("sdpa", "triton"):
-    cache = hc.make_cache(model, "snapkv", 0.5, kernel=kernel, window=8)
+    cache = hc.make_cache(model, "snapkv", 0.5, attention_backend=kernel, window=8)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6,
                              min_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)

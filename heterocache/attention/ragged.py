@@ -13,6 +13,53 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+GROWTH = 1.25
+MIN_HEADROOM = 16
+PAGE = 16  # capacities are page multiples so a bucket is also a paged pool (attention/triton.py)
+
+
+def round_page(n: int) -> int:
+    return -(-n // PAGE) * PAGE
+
+
+class Bucket:
+    """Sequences ``seq (n,)`` stored densely: ``keys/values (n, cap, D)``, ``positions (n, cap)``.
+
+    ``lengths (n,)`` live tokens per sequence (left-aligned, ascending positions); ``max_len`` is
+    the same maximum as a Python int (no device sync per step); ``uniform``: all lengths equal;
+    ``is_identity``: the bucket holds every sequence of the layer in order (no gather needed).
+    """
+
+    def __init__(self, seq, keys, values, positions, lengths, max_len: int, uniform: bool, is_identity: bool):
+        self.seq = seq
+        self.keys, self.values, self.positions = keys, values, positions
+        self.lengths = lengths
+        self.max_len = max_len
+        self.uniform = uniform
+        self.is_identity = is_identity
+        self.page_table = None  # (n, capacity // PAGE) int32, built on first paged use, reset on growth
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[1]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions))
+
+    def reserve(self, extra: int) -> None:
+        """Make room for ``extra`` more tokens per sequence (geometric growth, page aligned)."""
+        need = self.max_len + extra
+        if need <= self.capacity:
+            return
+        cap = round_page(max(need, int(self.capacity * GROWTH) + MIN_HEADROOM))
+        n, _, d = self.keys.shape
+        for name in ("keys", "values", "positions"):
+            old = getattr(self, name)
+            new = old.new_zeros((n, cap, d) if old.dim() == 3 else (n, cap))
+            new[:, : self.max_len] = old[:, : self.max_len]
+            setattr(self, name, new)
+        self.page_table = None
+
 
 def key_mask(lengths: torch.Tensor, max_len: int, q: int, group: int, uniform: bool,
              min_position: torch.Tensor | None = None, positions: torch.Tensor | None = None):
@@ -83,3 +130,43 @@ def plan_buckets(lengths: list[int], max_buckets: int = 4, overhead: int = 1024)
         members = np.nonzero((inverse >= start) & (inverse <= end))[0]
         groups.append(members.tolist())
     return groups
+
+
+def decode_attention(query: torch.Tensor, buckets: list[Bucket], n_kv_heads: int, scaling: float,
+                     backend: str = "sdpa", min_position: int | None = None) -> torch.Tensor:
+    """Decode attention of ``query (B, Hq, q, D)`` over a layer's buckets -> ``(B, q, Hq, D)``.
+
+    The ``q`` new tokens are already stored last in every sequence. ``backend``: ``"sdpa"`` (one
+    batched SDPA call per bucket) or ``"triton"`` (the paged kernel over the bucket storage viewed
+    as pages, no copy). ``min_position``: keys at older positions are hidden (sliding window).
+    """
+    b, hq, q, d = query.shape
+    h = n_kv_heads
+    group = hq // h
+    flat_q = query.reshape(b * h, group * q, d)
+    out = query.new_empty((b * h, group * q, d)) if len(buckets) > 1 else None
+    min_pos = None if min_position is None else torch.tensor(min_position, device=query.device)
+    for bucket in buckets:
+        n = bucket.max_len
+        qb = flat_q if bucket.is_identity else flat_q[bucket.seq]
+        if backend == "triton" and min_pos is None:
+            res = _triton_bucket(qb, bucket, scaling, q)
+        else:
+            mask = key_mask(bucket.lengths, n, q, group, bucket.uniform, min_pos, bucket.positions)
+            res = bucket_attention(qb, bucket.keys[:, :n], bucket.values[:, :n], mask, scaling)
+        if out is None:
+            out = res
+        else:
+            out[bucket.seq] = res
+    out = out.view(b, h, group, q, d).permute(0, 3, 1, 2, 4)
+    return out.reshape(b, q, hq, d)
+
+
+def _triton_bucket(query: torch.Tensor, bucket: Bucket, scaling: float, q: int) -> torch.Tensor:
+    """The paged Triton kernel over a bucket's storage viewed as pages (no copy)."""
+    from heterocache.attention.triton import dense_as_pages, paged_decode_attention
+
+    key_pool, value_pool, table = dense_as_pages(bucket.keys, bucket.values, PAGE, bucket.page_table)
+    bucket.page_table = table
+    return paged_decode_attention(query.contiguous(), key_pool, value_pool, table, bucket.lengths, scaling,
+                                  new_tokens=q)

@@ -239,19 +239,22 @@ def pages_from_padded(keys: torch.Tensor, values: torch.Tensor, lengths: torch.T
     return paged_k[used], paged_v[used], table[:, :max_pages].to(torch.int32).contiguous()
 
 
-def dense_as_pages(keys: torch.Tensor, values: torch.Tensor, page_size: int = 16):
+def dense_as_pages(keys: torch.Tensor, values: torch.Tensor, page_size: int = 16,
+                   table: torch.Tensor | None = None):
     """Zero-copy paged view of dense per-sequence storage (a cache bucket).
 
     ``keys/values (n, capacity, D)`` contiguous with ``capacity % page_size == 0`` -> ``key_pool,
     value_pool (n * capacity // page_size, page_size, D)`` views and ``page_table (n, capacity //
     page_size)`` int32 where sequence ``i`` owns pages ``i * capacity // page_size + j``. The table
-    depends only on ``(n, capacity)``: rebuild it when the storage grows.
+    depends only on ``(n, capacity)``: pass the previous ``table`` to reuse it (it is rebuilt when
+    its shape no longer matches, i.e. after the storage grew).
     """
     n, capacity, dim = keys.shape
     if capacity % page_size or not (keys.is_contiguous() and values.is_contiguous()):
         raise ValueError(f"dense_as_pages needs contiguous storage with capacity ({capacity}) a multiple of "
                          f"page_size ({page_size})")
     per_seq = capacity // page_size
-    table = torch.arange(n * per_seq, dtype=torch.int32, device=keys.device).view(n, per_seq)
+    if table is None or tuple(table.shape) != (n, per_seq) or table.device != keys.device:
+        table = torch.arange(n * per_seq, dtype=torch.int32, device=keys.device).view(n, per_seq)
     pool_shape = (n * per_seq, page_size, dim)
     return keys.view(pool_shape), values.view(pool_shape), table

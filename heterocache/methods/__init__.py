@@ -1,7 +1,4 @@
-"""Compression methods: one module per method, each registering itself (see base.py)."""
-
-import importlib
-import pkgutil
+"""Compression methods: one module per method; the registry (base.py) names the built-ins explicitly."""
 
 from heterocache.methods.base import (
     DecodeContext,
@@ -12,10 +9,6 @@ from heterocache.methods.base import (
     method_class,
     register,
 )
-
-for _info in pkgutil.iter_modules(__path__):
-    if _info.name not in {"base", "scoring"}:
-        importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = [
     "DecodeContext",

@@ -1,28 +1,39 @@
 """Method protocol and registry.
 
-A compression method is a small ``@dataclass`` registered by name. At the end of each layer's
-prefill the cache calls ``method.select(ctx)`` with a :class:`PrefillContext` and stores exactly
-the tokens of the returned boolean mask. Optional ``on_decode_step(ctx)`` runs after every decode
-attention of a layer (H2O-style eviction, HeteroCache drift checks). State lives on the cache
-(``ctx.state``, a dict private to the method), never in globals.
+A compression method is a small ``@dataclass`` with its options as fields. The cache drives it
+(docs/DESIGN.md s.4, the decode step in s.3); every hook below has a no-op default, and the cache
+calls each of them at its fixed place:
+
+- ``bind_model(model)`` once in ``make_cache`` (resolve model-dependent options, e.g. a profile);
+- ``setup(cache)`` when the cache is created and after every ``reset()``;
+- ``budgets(keep, prompt_len, n_layers, n_kv_heads)`` once per prefill (the cache turns it into
+  ``ctx.budget``, the per-layer ``(B, Hkv)`` kept prompt tokens);
+- ``select(ctx)`` at the end of each layer's prefill: the bool mask of prompt tokens to keep;
+- ``before_decode_attention(layer)`` and ``on_decode_step(ctx)`` around each decode attention of
+  a layer (never called at ``keep=1.0``, which is FullKV during decode too);
+- ``stats()`` merged into ``cache.stats()``; ``close()`` on ``cache.close()`` / ``reset()``.
+
+Per-cache state lives on the method instance (``make_cache`` builds one instance per cache) and is
+(re)initialised in ``setup``; never in globals.
 
 Budget accounting (docs/DESIGN.md section 2): over all layers x KV heads the kept prompt entries
-sum to ``round(keep * prompt_len * n_layers * n_kv_heads)`` per batch row; ``budget.py`` turns
-``keep`` into per-layer / per-head budgets.
+sum to ``round(keep * prompt_len * n_layers * n_kv_heads)`` per batch row.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from heterocache.budget import uniform_budgets
+
 if TYPE_CHECKING:
     from heterocache.cache import HeadwiseLayer
-
-_REGISTRY: dict[str, type[Method]] = {}
 
 
 @dataclass
@@ -31,7 +42,8 @@ class PrefillContext:
 
     Shapes: ``queries (B, Hq, T, D)``, ``keys``/``values`` ``(B, Hkv, T, D)`` (post-RoPE, exactly
     what attention used), ``valid (B, T)`` bool (False on left padding), ``prompt_lengths (B,)``
-    = ``valid.sum(-1)``. Query head ``j`` reads KV head ``j // group``.
+    = ``valid.sum(-1)``, ``budget (B, Hkv)`` long: this layer's kept prompt tokens per head from
+    :meth:`Method.budgets`. Query head ``j`` reads KV head ``j // group``.
     """
 
     layer_idx: int
@@ -43,7 +55,7 @@ class PrefillContext:
     prompt_lengths: torch.Tensor
     scaling: float
     keep: float
-    state: dict[str, Any]
+    budget: torch.Tensor
     cache: Any = None  # the HeadwiseCache; cross-layer methods (CAKE) reach earlier layers through it
     module: Any = None  # the attention module (for sliding_window etc.)
 
@@ -63,6 +75,10 @@ class PrefillContext:
         """Mask ``(B, Hkv, T)`` keeping every valid (non-padding) token."""
         return self.valid[:, None, :].expand(-1, self.n_kv_heads, -1).clone()
 
+    def keeps_everything(self) -> bool:
+        """True when every head's budget covers its whole prompt (``keep=1.0``): scoring can be skipped."""
+        return bool((self.budget >= self.prompt_lengths[:, None]).all())
+
 
 @dataclass
 class DecodeContext:
@@ -70,7 +86,7 @@ class DecodeContext:
 
     ``queries (B, Hq, q, D)`` are the new post-RoPE queries; ``layer`` gives access to the stored
     tokens (``layer.padded()`` and ``layer.restrict(mask)``); ``step`` counts decode forwards of this
-    layer since prefill, starting at 1.
+    layer since prefill, starting at 1; ``budget (B, Hkv)`` is the layer's prompt budget.
     """
 
     layer_idx: int
@@ -80,34 +96,44 @@ class DecodeContext:
     step: int
     scaling: float
     keep: float
-    state: dict[str, Any]
-    cache: Any = None
+    budget: torch.Tensor
 
 
 class Method:
-    """Base class: subclasses are dataclasses with their options as fields."""
+    """Base class: subclasses are dataclasses with their options as fields (see module docstring)."""
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+
+    def budgets(self, keep: float, prompt_len: int, n_layers: int, n_kv_heads: int) -> list[list[int]]:
+        """Kept prompt tokens per ``[layer][kv_head]`` for one prompt length (default: uniform)."""
+        return uniform_budgets(keep, prompt_len, n_layers, n_kv_heads)
 
     def select(self, ctx: PrefillContext) -> torch.Tensor:
         """Return a bool mask ``(B, Hkv, T)`` of the prompt tokens to keep (never padding)."""
         raise NotImplementedError
 
-    @property
-    def needs_decode_hook(self) -> bool:
-        """Whether the cache must call ``on_decode_step``: by default, when a subclass defines it.
+    def validate(self) -> None:
+        """Check option ranges and choices (types are checked from the annotations); raise ValueError."""
 
-        Methods whose hook only matters for some options (e.g. decode eviction) override this.
-        """
-        return type(self).on_decode_step is not Method.on_decode_step
-
-    def on_decode_step(self, ctx: DecodeContext) -> None:  # pragma: no cover - default no-op
-        return None
+    def bind_model(self, model) -> None:
+        """Called once by ``make_cache`` with the model (resolve model-dependent options)."""
 
     def setup(self, cache: Any) -> None:
-        """Called once when the cache is created (validate options against the model here)."""
-        return None
+        """Called when the cache is created and after each reset: (re)initialise per-cache state."""
+
+    def before_decode_attention(self, layer: HeadwiseLayer) -> None:
+        """Called before each decode attention of ``layer`` (apply work finished in the background)."""
+
+    def on_decode_step(self, ctx: DecodeContext) -> None:
+        """Called after each decode attention of a layer (decode-time eviction, drift checks)."""
+
+    def stats(self) -> dict[str, Any]:
+        """Extra statistics; ``device_bytes``/``host_bytes``/``disk_bytes`` add to the cache's own."""
+        return {}
+
+    def close(self) -> None:
+        """Stop background work and free slow-tier copies."""
 
     @classmethod
     def options(cls) -> dict[str, Any]:
@@ -123,8 +149,58 @@ class Method:
         return out
 
 
+def check_choice(name: str, value: Any, choices: tuple) -> None:
+    """Raise ``ValueError`` naming option ``name`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is invalid; choose one of {list(choices)}")
+
+
+def check_range(name: str, value: float, low: float | None = None, high: float | None = None,
+                low_open: bool = False) -> None:
+    """Raise ``ValueError`` naming option ``name`` unless ``low <= value <= high`` (``low < value`` if open)."""
+    bad = (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high)
+    if bad or (isinstance(value, float) and math.isnan(value)):
+        lo = "-inf" if low is None else f"{low}"
+        hi = "inf" if high is None else f"{high}"
+        raise ValueError(f"{name}={value!r} must be in {'(' if low_open else '['}{lo}, {hi}]")
+
+
+_SIMPLE_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _check_types(cls: type[Method], options: dict[str, Any]) -> None:
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    for name, value in options.items():
+        hint = hints.get(name)
+        hint = hint if isinstance(hint, str) else getattr(hint, "__name__", "")
+        allowed = _SIMPLE_TYPES.get(hint)
+        if allowed is None:
+            continue  # Any / unions: the method's validate() checks them
+        if isinstance(value, bool) and bool not in allowed:
+            ok = False
+        else:
+            ok = isinstance(value, allowed)
+        if not ok:
+            raise ValueError(f"option {name}={value!r} of method {cls.name!r} must be of type {hint}")
+
+
+# Built-in methods by name (explicit: no scanning of the package); imported on first use.
+_BUILTIN: dict[str, str] = {
+    "full": "heterocache.methods.full:Full",
+    "streamingllm": "heterocache.methods.streamingllm:StreamingLLM",
+    "h2o": "heterocache.methods.h2o:H2O",
+    "snapkv": "heterocache.methods.snapkv:SnapKV",
+    "pyramidkv": "heterocache.methods.pyramidkv:PyramidKV",
+    "cake": "heterocache.methods.cake:CAKE",
+    "tova": "heterocache.methods.tova:TOVA",
+    "heterocache": "heterocache.methods.heterocache:HeteroCache",
+}
+_REGISTRY: dict[str, type[Method]] = {}
+
+
 def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: register a method dataclass under ``cls.name``."""
+    """Class decorator: register a user method dataclass under ``cls.name`` (names starting with
+    ``_`` are private: usable but not listed)."""
     if not cls.name:
         raise TypeError(f"{cls.__name__} needs a non-empty `name`")
     _REGISTRY[cls.name] = cls
@@ -132,24 +208,23 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def available_methods() -> list[str]:
-    """Registered method names, FullKV first."""
-    _load_builtin()
-    names = sorted(n for n in _REGISTRY if not n.startswith("_"))  # "_name": private (tests)
-    if "full" in names:
-        names.remove("full")
-        names.insert(0, "full")
-    return names
+    """Method names: the built-ins (FullKV first), then registered ones."""
+    extra = sorted(n for n in _REGISTRY if n not in _BUILTIN and not n.startswith("_"))
+    return [*_BUILTIN, *extra]
 
 
 def method_class(name: str) -> type[Method]:
-    _load_builtin()
+    if isinstance(name, str) and name in _BUILTIN and name not in _REGISTRY:
+        module, _, attr = _BUILTIN[name].partition(":")
+        _REGISTRY[name] = getattr(importlib.import_module(module), attr)
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"method={name!r} is not a registered method; choose one of {available_methods()}")
     return _REGISTRY[name]
 
 
 def build_method(name: str, **options: Any) -> Method:
-    """Instantiate method ``name`` with ``options``; unknown options raise a ValueError listing valid ones."""
+    """Instantiate method ``name`` with ``options``, validated: unknown names, wrong types and values
+    out of range raise a ``ValueError`` naming the option and what is allowed."""
     cls = method_class(name)
     valid = cls.options()
     unknown = sorted(set(options) - set(valid))
@@ -157,10 +232,13 @@ def build_method(name: str, **options: Any) -> Method:
         raise ValueError(
             f"unknown option(s) {unknown} for method {name!r}; valid options: {sorted(valid) or 'none'}"
         )
-    return cls(**options)
+    _check_types(cls, options)
+    instance = cls(**options)
+    instance.validate()
+    return instance
 
 
-def _load_builtin() -> None:
-    # Import for the registration side effect; the package imports every method module.
-    import heterocache.methods  # noqa: F401
-
+__all__ = [
+    "DecodeContext", "Method", "PrefillContext", "available_methods", "build_method", "check_choice",
+    "check_range", "method_class", "register",
+]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from heterocache.budget import split_evenly, total_budget, uniform_budgets, water_fill, weighted_budgets
-from heterocache.methods.base import Method, PrefillContext, register
+from heterocache.methods.base import Method, PrefillContext, check_range
 from heterocache.methods.scoring import (
     compact,
     expand_compact,
@@ -21,15 +21,7 @@ from heterocache.methods.scoring import (
     select_with_forced,
     window_attention,
 )
-
-#: published (tau1, tau2) for budgets C=1024 / C=128 (spec/baselines.md section 5); pass them as options
-PUBLISHED_TAU = {
-    "Llama-3.1-8B": ((1.6, 0.4), (1.6, 0.6)),
-    "Mistral-7B-v0.3": ((0.8, 0.5), (1.0, 0.8)),
-    "Qwen2.5-7B": ((1.5, 0.6), (0.4, 0.6)),
-    "Llama-2-7B-chat": ((1.9, 1.8), (0.9, 2.3)),
-    "Llama-2-13B-chat": ((0.5, 0.4), (1.8, 2.0)),
-}
+from heterocache.methods.snapkv import check_window_options
 
 
 def _dyadic(value: float) -> Fraction:
@@ -46,7 +38,6 @@ def _dyadic(value: float) -> Fraction:
     return Fraction(round(mantissa * (1 << 24))) * Fraction(2) ** (exponent - 24)
 
 
-@register
 @dataclass
 class CAKE(Method):
     """Layer budgets in proportion to each layer's attention dispersion x shift; cascading eviction.
@@ -78,7 +69,10 @@ class CAKE(Method):
     gamma : float
         Weight of the variance in the indicator (200).
     tau1, tau2 : float
-        Preference temperatures (fallback 1.0, 1.0; published pairs in ``PUBLISHED_TAU``).
+        Preference temperatures (fallback 1.0, 1.0). Published (tau1, tau2) at budgets C=1024 / C=128
+        (spec/baselines.md section 5): Llama-3.1-8B (1.6, 0.4) / (1.6, 0.6); Mistral-7B-v0.3
+        (0.8, 0.5) / (1.0, 0.8); Qwen2.5-7B (1.5, 0.6) / (0.4, 0.6); Llama-2-7B-chat (1.9, 1.8) /
+        (0.9, 2.3); Llama-2-13B-chat (0.5, 0.4) / (1.8, 2.0).
     cascading : bool
         Re-evict earlier layers as layers arrive (True) or only at the last layer (False).
     """
@@ -93,37 +87,48 @@ class CAKE(Method):
     tau2: float = 1.0
     cascading: bool = True
 
+    def validate(self) -> None:
+        check_window_options(self.window, self.kernel, "avg")
+        check_range("gamma", self.gamma, 0)
+        check_range("tau1", self.tau1, 0, low_open=True)
+        check_range("tau2", self.tau2, 0, low_open=True)
+
+    def setup(self, cache) -> None:
+        # per layer: preference per batch row, compressed indicators of the stored tokens, budgets applied
+        self.preference: dict[int, list[float]] = {}
+        self.indicator: dict[int, torch.Tensor] = {}
+        self.kept: dict[int, torch.Tensor] = {}
+
     def select(self, ctx: PrefillContext) -> torch.Tensor:
         layer, length = ctx.layer_idx, ctx.seq_len
         if layer == 0:
-            for key in ("preference", "indicator", "kept"):
-                ctx.state[key] = {}
+            self.setup(ctx.cache)
         window = min(self.window, length)
         probs = window_attention(ctx.queries, ctx.keys, window, ctx.scaling, ctx.valid)[..., : length - window]
         variance = probs.var(dim=2) if window > 1 and probs.shape[-1] else torch.zeros_like(probs[:, :, 0])
         entropy = -(probs * torch.log(probs + 1e-10)).sum(dim=(1, 2, 3))
         preference = entropy.double() ** (1 / self.tau1) * variance.sum(dim=(1, 2)).double() ** (1 / self.tau2)
-        ctx.state["preference"][layer] = preference.tolist()
+        self.preference[layer] = preference.tolist()
         indicator = pool1d(probs.mean(dim=2) + self.gamma * variance, self.kernel, "avg")
         indicator = F.pad(reduce_gqa(indicator, ctx.n_kv_heads, "mean"), (0, window))
 
         budgets = self._budgets(ctx)  # (B, layers seen, Hkv)
         mask = select_with_forced(indicator, ctx.valid, budgets[:, layer], 0, self.window)
-        ctx.state["indicator"][layer] = compact(indicator, mask)
-        ctx.state["kept"][layer] = budgets[:, layer]
+        self.indicator[layer] = compact(indicator, mask)
+        self.kept[layer] = budgets[:, layer]
         for earlier in range(layer):
-            if torch.equal(budgets[:, earlier], ctx.state["kept"][earlier]):
+            if torch.equal(budgets[:, earlier], self.kept[earlier]):
                 continue
             if ctx.cache is None:
                 raise RuntimeError("CAKE needs ctx.cache.layers[l] (padded/restrict) to re-evict earlier layers")
             stored = ctx.cache.layers[earlier]
             _, _, positions, _ = stored.padded()
             slot_valid = positions >= 0
-            scores = expand_compact(ctx.state["indicator"][earlier].to(positions.device), slot_valid)
+            scores = expand_compact(self.indicator[earlier].to(positions.device), slot_valid)
             keep = select_with_forced(scores, slot_valid, budgets[:, earlier].to(positions.device), 0, self.window)
             stored.restrict(keep)
-            ctx.state["indicator"][earlier] = compact(scores, keep)
-            ctx.state["kept"][earlier] = budgets[:, earlier]
+            self.indicator[earlier] = compact(scores, keep)
+            self.kept[earlier] = budgets[:, earlier]
         return mask
 
     def _budgets(self, ctx: PrefillContext) -> torch.Tensor:
@@ -136,7 +141,7 @@ class CAKE(Method):
             if prefix_total < 0:
                 rows.append(uniform_budgets(ctx.keep, prompt_len, n_layers, n_kv)[:seen])
                 continue
-            weights = [_dyadic(ctx.state["preference"][layer][b]) for layer in range(seen)]
+            weights = [_dyadic(self.preference[layer][b]) for layer in range(seen)]
             caps = [n_kv * (prompt_len - window)] * seen
             if seen == n_layers:
                 prefix = weighted_budgets(prefix_total, weights, caps)

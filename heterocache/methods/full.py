@@ -6,10 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from heterocache.methods.base import Method, PrefillContext, register
+from heterocache.methods.base import Method, PrefillContext
 
 
-@register
 @dataclass
 class Full(Method):
     """Keep all tokens; decode tokens appended. Equals ``DynamicCache`` + SDPA."""

@@ -8,21 +8,17 @@ from dataclasses import dataclass
 
 import torch
 
-from heterocache.budget import uniform_budgets
-from heterocache.methods.base import DecodeContext, Method, PrefillContext, register
+from heterocache.methods.base import DecodeContext, Method, PrefillContext, check_range
 from heterocache.methods.scoring import (
     causal_column_sums,
     compact,
-    decode_attention,
+    decode_probs,
     expand_compact,
-    keeps_everything,
-    layer_budget,
     reduce_gqa,
     select_with_forced,
 )
 
 
-@register
 @dataclass
 class H2O(Method):
     """Keep the recent window plus the tokens with the largest accumulated attention.
@@ -61,14 +57,19 @@ class H2O(Method):
     decode_eviction: bool = False
     chunk: int | None = None
 
-    @property
-    def needs_decode_hook(self) -> bool:  # type: ignore[override]
-        return self.decode_eviction
+    def validate(self) -> None:
+        check_range("window", self.window, 0)
+        if self.chunk is not None and (isinstance(self.chunk, bool) or not isinstance(self.chunk, int)
+                                       or self.chunk < 1):
+            raise ValueError(f"chunk={self.chunk!r} must be None or an integer >= 1")
+
+    def setup(self, cache) -> None:
+        self.layer_scores: dict[int, torch.Tensor] = {}  # decode eviction: scores of the stored tokens
 
     def select(self, ctx: PrefillContext) -> torch.Tensor:
-        budget = layer_budget(ctx, lambda n: uniform_budgets(ctx.keep, n, ctx.n_layers, ctx.n_kv_heads))
+        budget = ctx.budget
         recent = budget - budget // 2 if self.decode_eviction else self.window
-        if keeps_everything(ctx, budget) and not self.decode_eviction:
+        if ctx.keeps_everything() and not self.decode_eviction:
             return ctx.keep_all()
         sums = causal_column_sums(ctx.queries, ctx.keys, ctx.scaling, ctx.valid, self.chunk)
         if self.normalize:
@@ -77,20 +78,20 @@ class H2O(Method):
         scores = reduce_gqa(sums, ctx.n_kv_heads, "mean")
         mask = select_with_forced(scores, ctx.valid, budget, 0, recent)
         if self.decode_eviction:
-            ctx.state.setdefault("scores", {})[ctx.layer_idx] = compact(scores, mask)
+            self.layer_scores[ctx.layer_idx] = compact(scores, mask)
         return mask
 
     def on_decode_step(self, ctx: DecodeContext) -> None:
-        if not self.decode_eviction or ctx.keep >= 1.0:  # keep=1.0 is FullKV, also during decode
+        if not self.decode_eviction:
             return
         keys, _, positions, lengths = ctx.layer.padded()
         slot_valid = positions >= 0
-        probs = decode_attention(ctx.queries, keys, positions, ctx.scaling)  # (B, Hkv, G, q, L)
-        scores = expand_compact(ctx.state["scores"][ctx.layer_idx], slot_valid) + probs.sum(3).mean(2)
-        budget = ctx.state["budget_table"][1][:, ctx.layer_idx].to(keys.device)
+        probs = decode_probs(ctx.queries, keys, positions, ctx.scaling)  # (B, Hkv, G, q, L)
+        scores = expand_compact(self.layer_scores[ctx.layer_idx], slot_valid) + probs.sum(3).mean(2)
+        budget = ctx.budget.to(keys.device)
         if bool((lengths > budget).any()):
             mask = select_with_forced(scores, slot_valid, budget, 0, budget - budget // 2)
             ctx.layer.restrict(mask)
         else:
             mask = slot_valid
-        ctx.state["scores"][ctx.layer_idx] = compact(scores, mask)
+        self.layer_scores[ctx.layer_idx] = compact(scores, mask)

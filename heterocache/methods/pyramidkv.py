@@ -7,11 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from heterocache.budget import pyramid_budgets
-from heterocache.methods.base import PrefillContext, register
+from heterocache.methods.base import check_range
 from heterocache.methods.snapkv import SnapKV
 
 
-@register
 @dataclass
 class PyramidKV(SnapKV):
     """SnapKV scores with a pyramid of layer budgets: lower layers keep more, upper layers less.
@@ -35,5 +34,9 @@ class PyramidKV(SnapKV):
 
     beta: float = 20.0
 
-    def budgets(self, ctx: PrefillContext, prompt_len: int) -> list[list[int]]:
-        return pyramid_budgets(ctx.keep, prompt_len, ctx.n_layers, ctx.n_kv_heads, self.window, self.beta)
+    def validate(self) -> None:
+        super().validate()
+        check_range("beta", self.beta, 0, low_open=True)
+
+    def budgets(self, keep: float, prompt_len: int, n_layers: int, n_kv_heads: int) -> list[list[int]]:
+        return pyramid_budgets(keep, prompt_len, n_layers, n_kv_heads, self.window, self.beta)

@@ -8,19 +8,13 @@ whose keys are all masked give zeros instead of NaN.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
-from heterocache.budget import budget_table
-
-if TYPE_CHECKING:
-    from heterocache.methods.base import PrefillContext
-
 #: scores materialised at once (elements) before the scorers chunk over heads / query rows
 CHUNK_ELEMENTS = 1 << 25
+#: average-pooling kernel of the calibration's attention rows (spec/heterocache.md s.2), reused at run time
+ROW_POOL_KERNEL = 5
 
 
 def _grouped(queries: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
@@ -185,7 +179,7 @@ def select_with_forced(
     return forced | topk_mask(scores, rest, valid & ~forced)
 
 
-def decode_attention(
+def decode_probs(
     queries: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, scaling: float
 ) -> torch.Tensor:
     """Attention of new decode queries over a layer's stored tokens, fp32: ``(B, Hkv, G, q, L)``.
@@ -201,6 +195,30 @@ def decode_attention(
     query_pos = positions.amax(-1, keepdim=True) - torch.arange(n_new - 1, -1, -1, device=keys.device)
     allowed = (positions[..., None, :] >= 0) & (positions[..., None, :] <= query_pos[..., None])
     return _safe_softmax(logits.masked_fill_(~allowed[:, :, None], float("-inf")))
+
+
+def pooled_row_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float, mask: torch.Tensor,
+                         n_prompt: int | None = None, kernel: int = ROW_POOL_KERNEL) -> torch.Tensor:
+    """Attention rows reduced as the calibration reduces them (spec/heterocache.md s.2).
+
+    fp32 softmax of ``queries . keys * scaling`` over the keys ``mask`` allows, mean over the query
+    heads of each KV head (GQA), cut to the first ``n_prompt`` keys, average-pooled (``kernel``,
+    stride 1, zero padding counted). Used by profiling (calibration rows), HeteroCache's prefill
+    reference sets and its decode-time drift checks, so all three compare like with like.
+
+    ``queries (B, H, G, s, D)`` (the ``G`` query heads of each of ``H`` KV heads, ``s`` rows),
+    ``keys (B, H, L, D)``, ``mask`` bool (True = visible) or additive float, broadcastable to
+    ``(B, H, G, s, L)``. Returns ``(B, H, s, n_prompt or L)``; rows with no visible key are zeros.
+    """
+    logits = torch.einsum("bhgsd,bhld->bhgsl", queries.float(), keys.float()) * scaling
+    if mask.dtype == torch.bool:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    else:
+        logits = logits + mask.float()
+    probs = _safe_softmax(logits).mean(dim=2)
+    if n_prompt is not None:
+        probs = probs[..., :n_prompt]
+    return pool1d(probs, kernel, "avg")
 
 
 def compact(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -223,23 +241,3 @@ def expand_compact(stored: torch.Tensor, slot_valid: torch.Tensor) -> torch.Tens
     rank, _ = valid_ranks(slot_valid)
     padded = F.pad(stored, (0, slot_valid.shape[-1]))
     return padded.gather(-1, rank.clamp(min=0)).masked_fill(~slot_valid, 0)
-
-
-def layer_budget(ctx: PrefillContext, schedule: Callable[[int], list[list[int]]]) -> torch.Tensor:
-    """Per-KV-head budgets of ``ctx.layer_idx`` for each batch row: ``LongTensor (B, Hkv)``.
-
-    ``schedule(prompt_len) -> [n_layers][n_kv_heads]`` (a :mod:`heterocache.budget` function). The
-    table is computed once per prefill and cached in ``ctx.state`` keyed by the prompt lengths and
-    ``keep``, so a reused cache never applies a stale budget.
-    """
-    key = (tuple(ctx.prompt_lengths.tolist()), ctx.keep, ctx.n_layers, ctx.n_kv_heads)
-    cached = ctx.state.get("budget_table")
-    if cached is None or cached[0] != key:
-        cached = (key, budget_table(schedule, ctx.prompt_lengths))
-        ctx.state["budget_table"] = cached
-    return cached[1][:, ctx.layer_idx]
-
-
-def keeps_everything(ctx: PrefillContext, budget: torch.Tensor) -> bool:
-    """True when every head's budget covers its whole prompt (``keep=1.0``): scoring can be skipped."""
-    return bool((budget >= ctx.prompt_lengths[:, None]).all())

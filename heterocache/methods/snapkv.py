@@ -9,16 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from heterocache.budget import uniform_budgets
-from heterocache.methods.base import Method, PrefillContext, register
-from heterocache.methods.scoring import (
-    keeps_everything,
-    layer_budget,
-    pool1d,
-    reduce_gqa,
-    select_with_forced,
-    window_attention,
-)
+from heterocache.methods.base import Method, PrefillContext, check_choice, check_range
+from heterocache.methods.scoring import pool1d, reduce_gqa, select_with_forced, window_attention
 
 
 def window_votes(ctx: PrefillContext, window: int, kernel: int, pooling: str, gqa: str) -> torch.Tensor:
@@ -34,7 +26,6 @@ def window_votes(ctx: PrefillContext, window: int, kernel: int, pooling: str, gq
     return F.pad(reduce_gqa(votes, ctx.n_kv_heads, gqa), (0, window))
 
 
-@register
 @dataclass
 class SnapKV(Method):
     """Keep the observation window plus the prefix tokens the window attends to most.
@@ -66,13 +57,21 @@ class SnapKV(Method):
     pooling: str = "max"
     gqa: str = "mean"
 
-    def budgets(self, ctx: PrefillContext, prompt_len: int) -> list[list[int]]:
-        """Per-(layer, KV head) budgets for one row (uniform here; PyramidKV overrides)."""
-        return uniform_budgets(ctx.keep, prompt_len, ctx.n_layers, ctx.n_kv_heads)
+    def validate(self) -> None:
+        check_window_options(self.window, self.kernel, self.pooling)
+        check_choice("gqa", self.gqa, ("mean", "max"))
 
     def select(self, ctx: PrefillContext) -> torch.Tensor:
-        budget = layer_budget(ctx, lambda n: self.budgets(ctx, n))
-        if keeps_everything(ctx, budget):
+        if ctx.keeps_everything():
             return ctx.keep_all()
         scores = window_votes(ctx, self.window, self.kernel, self.pooling, self.gqa)
-        return select_with_forced(scores, ctx.valid, budget, 0, self.window)
+        return select_with_forced(scores, ctx.valid, ctx.budget, 0, self.window)
+
+
+def check_window_options(window: int, kernel: int, pooling: str) -> None:
+    """Ranges of the window-vote options shared by SnapKV, PyramidKV, CAKE and HeteroCache."""
+    check_range("window", window, 1)
+    check_range("kernel", kernel, 1)
+    if kernel % 2 == 0:
+        raise ValueError(f"kernel={kernel!r} must be odd (stride-1 pooling keeps the length)")
+    check_choice("pooling", pooling, ("max", "avg"))

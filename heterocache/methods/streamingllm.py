@@ -8,12 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
-from heterocache.budget import uniform_budgets
-from heterocache.methods.base import DecodeContext, Method, PrefillContext, register
-from heterocache.methods.scoring import forced_keep, keeps_everything, layer_budget
+from heterocache.methods.base import DecodeContext, Method, PrefillContext, check_range
+from heterocache.methods.scoring import forced_keep
 
 
-@register
 @dataclass
 class StreamingLLM(Method):
     """Keep the first ``sinks`` tokens and the most recent ``C - sinks`` (no scores, any kernel).
@@ -39,21 +37,19 @@ class StreamingLLM(Method):
     sinks: int = 4
     evict_during_decode: bool = False
 
-    @property
-    def needs_decode_hook(self) -> bool:  # type: ignore[override]
-        return self.evict_during_decode
+    def validate(self) -> None:
+        check_range("sinks", self.sinks, 0)
 
     def select(self, ctx: PrefillContext) -> torch.Tensor:
-        budget = layer_budget(ctx, lambda n: uniform_budgets(ctx.keep, n, ctx.n_layers, ctx.n_kv_heads))
-        if keeps_everything(ctx, budget):
+        if ctx.keeps_everything():
             return ctx.keep_all()
-        mask, _ = forced_keep(ctx.valid, budget, self.sinks, ctx.seq_len)
+        mask, _ = forced_keep(ctx.valid, ctx.budget, self.sinks, ctx.seq_len)
         return mask
 
     def on_decode_step(self, ctx: DecodeContext) -> None:
-        if not self.evict_during_decode or ctx.keep >= 1.0:  # keep=1.0 is FullKV, also during decode
+        if not self.evict_during_decode:
             return
-        budget = ctx.state["budget_table"][1][:, ctx.layer_idx].to(ctx.queries.device)
+        budget = ctx.budget.to(ctx.queries.device)
         _, _, positions, lengths = ctx.layer.padded()
         if bool((lengths > budget).any()):
             mask, _ = forced_keep(positions >= 0, budget, self.sinks, positions.shape[-1])

@@ -7,18 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from heterocache.budget import uniform_budgets
-from heterocache.methods.base import DecodeContext, Method, PrefillContext, register
-from heterocache.methods.scoring import (
-    decode_attention,
-    keeps_everything,
-    layer_budget,
-    topk_mask,
-    window_attention,
-)
+from heterocache.methods.base import DecodeContext, Method, PrefillContext
+from heterocache.methods.scoring import decode_probs, topk_mask, window_attention
 
 
-@register
 @dataclass
 class TOVA(Method):
     """Keep the tokens the **last** query attends to most, averaged over all query heads of the layer.
@@ -44,27 +36,22 @@ class TOVA(Method):
 
     evict_during_decode: bool = True
 
-    @property
-    def needs_decode_hook(self) -> bool:  # type: ignore[override]
-        return self.evict_during_decode
-
     def select(self, ctx: PrefillContext) -> torch.Tensor:
-        budget = layer_budget(ctx, lambda n: uniform_budgets(ctx.keep, n, ctx.n_layers, ctx.n_kv_heads))
-        if keeps_everything(ctx, budget):
+        if ctx.keeps_everything():
             return ctx.keep_all()
         last_row = window_attention(ctx.queries, ctx.keys, 1, ctx.scaling, ctx.valid)[:, :, 0]  # (B, Hq, T)
         scores = last_row.mean(dim=1, keepdim=True).expand(-1, ctx.n_kv_heads, -1)
-        return topk_mask(scores, budget, ctx.valid)
+        return topk_mask(scores, ctx.budget, ctx.valid)
 
     def on_decode_step(self, ctx: DecodeContext) -> None:
-        if not self.evict_during_decode or ctx.keep >= 1.0:  # keep=1.0 is FullKV, also during decode
+        if not self.evict_during_decode:
             return
         keys, _, positions, lengths = ctx.layer.padded()
-        budget = ctx.state["budget_table"][1][:, ctx.layer_idx].to(keys.device)
+        budget = ctx.budget.to(keys.device)
         if not bool((lengths > budget).any()):
             return
         slot_valid = positions >= 0
-        scores = decode_attention(ctx.queries, keys, positions, ctx.scaling)[:, :, :, -1].mean(2)  # (B, Hkv, L)
+        scores = decode_probs(ctx.queries, keys, positions, ctx.scaling)[:, :, :, -1].mean(2)  # (B, Hkv, L)
         # one ranking per layer: average each position's score over the KV heads that hold it
         index = positions.clamp(min=0).flatten(1)
         span = int(positions.max()) + 1

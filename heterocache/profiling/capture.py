@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+
+from heterocache.methods.scoring import ROW_POOL_KERNEL, pool1d, pooled_row_attention
 
 ATTN_NAME = "heterocache_profile"
-POOL_KERNEL = 5
+POOL_KERNEL = ROW_POOL_KERNEL
 
 
 @dataclass
@@ -49,34 +50,28 @@ class CaptureResult:
 
 
 def last_row_scores(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
-                    scaling: float, prompt_len: int) -> torch.Tensor:
-    """Attention of the last query row, group-mean per KV head, over the prompt keys.
+                    scaling: float, prompt_len: int, kernel: int = 1) -> torch.Tensor:
+    """Attention row of the last query, group-mean per KV head, over the prompt keys.
 
     ``query (B, Hq, q, D)``, ``key (B, Hkv, kv, D)``, ``attention_mask`` None or ``(B|1, 1, q, >=kv)``
     (bool: True = attend; float: additive). Returns ``(B, Hkv, prompt_len)`` fp32. The softmax runs
-    over all ``kv`` visible keys (as the eager matrix does), then generated keys are dropped.
+    over all ``kv`` visible keys (as the eager matrix does), then generated keys are dropped and the
+    row is average-pooled with ``kernel`` (1: unpooled):
+    :func:`heterocache.methods.scoring.pooled_row_attention`.
     """
     batch, n_q_heads, _, dim = query.shape
     n_kv_heads, kv_len = key.shape[1], key.shape[2]
-    group = n_q_heads // n_kv_heads
-    q_last = query[:, :, -1, :].float().reshape(batch, n_kv_heads, group, dim)
-    logits = torch.matmul(q_last, key.float().transpose(-1, -2)) * scaling  # (B, Hkv, G, kv)
-    if attention_mask is not None:
-        mask_row = attention_mask[:, :, -1, :kv_len].reshape(attention_mask.shape[0], 1, 1, kv_len)
-        if mask_row.dtype == torch.bool:
-            logits = logits.masked_fill(~mask_row, float("-inf"))
-        else:
-            logits = logits + mask_row.float()
-    probs = torch.softmax(logits, dim=-1).mean(dim=2)  # GQA: mean over the query group
-    return probs[..., :prompt_len]
+    q_last = query[:, :, -1:, :].reshape(batch, n_kv_heads, n_q_heads // n_kv_heads, 1, dim)
+    if attention_mask is None:
+        mask = torch.ones((1, 1, 1, 1, kv_len), dtype=torch.bool, device=key.device)
+    else:
+        mask = attention_mask[:, :, -1, :kv_len].reshape(attention_mask.shape[0], 1, 1, 1, kv_len)
+    return pooled_row_attention(q_last, key, scaling, mask, prompt_len, kernel)[:, :, 0]
 
 
 def pool_scores(scores: torch.Tensor, kernel: int = POOL_KERNEL) -> torch.Tensor:
     """1-D average pooling over the last axis, same length out, zero padding counted. ``(..., T)``."""
-    shape = scores.shape
-    flat = scores.reshape(-1, 1, shape[-1])
-    pooled = F.avg_pool1d(flat, kernel_size=kernel, stride=1, padding=kernel // 2, count_include_pad=True)
-    return pooled.reshape(shape)
+    return pool1d(scores, kernel, "avg")
 
 
 def topk_set(pooled: torch.Tensor, k: int) -> torch.Tensor:
@@ -109,7 +104,7 @@ class _Recorder:
             )
         scale = scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
         with torch.no_grad():
-            pooled = pool_scores(last_row_scores(query, key, attention_mask, scale, self.prompt_len))
+            pooled = last_row_scores(query, key, attention_mask, scale, self.prompt_len, POOL_KERNEL)
             self.sets[(module.layer_idx, self.step)] = topk_set(pooled, self.topk).to("cpu", torch.int32)
             if self.keep_rows:
                 self.rows[(module.layer_idx, self.step)] = pooled.cpu()

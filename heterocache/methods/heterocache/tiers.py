@@ -1,10 +1,14 @@
-"""Where the full copies of compressed heads live: ``device`` (emulation), ``host``, ``disk``.
+"""Where the full copies of compressed heads live, by the method option ``offload``.
 
 A tier stores, per layer, the full prefill keys/values of some sequences, ``(n, T, D)``, and
-serves gathers ``rows x positions`` from them. ``host`` is CPU memory (pinned when the model is on
-CUDA); ``disk`` writes one safetensors file per layer into a directory and gathers through a
-read-only memory map of the file's data (only the touched pages are read); ``device`` keeps the
-copy beside the cache (no memory saving: an accuracy-only emulation, reported as device bytes).
+serves gathers ``rows x positions`` from them.
+
+- ``offload="host"`` (tier name ``host``): CPU memory; when the model is on CUDA every gather
+  writes into a freshly pinned buffer, so the copy to the device can run asynchronously.
+- ``offload="disk"`` (``disk``): one safetensors file per layer in a directory, gathered through a
+  read-only memory map of the file's data (only the touched pages are read).
+- ``offload="none"`` (``device``): the copy stays beside the cache on the model's device: no memory
+  saving, an accuracy-only emulation whose bytes ``stats()`` counts as device bytes.
 """
 
 from __future__ import annotations
@@ -23,8 +27,21 @@ TIERS = ("host", "disk", "none")
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16}
 
 
+def check_directory(directory: str | os.PathLike) -> Path:
+    """Create ``directory`` if needed and check that it is writable; ``ValueError`` naming ``offload_dir``."""
+    path = Path(directory).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"offload_dir={str(directory)!r} is not a writable directory: {err}") from None
+    return path
+
+
 class Tier:
-    """Base: ``put(layer, keys, values)``, ``gather(layer, rows, positions)``, ``nbytes()``, ``clear()``."""
+    """Base: ``put(layer, keys, values)``, ``gather(layer, rows, positions)``, ``nbytes()``, ``close()``."""
 
     name = "base"
 
@@ -38,12 +55,12 @@ class Tier:
         keys, values = entry[:2]
         return keys.nbytes + values.nbytes
 
-    def clear(self) -> None:
+    def close(self) -> None:
         self.layers.clear()
 
 
 class MemoryTier(Tier):
-    """Host memory (``device="cpu"``) or the model's device (the ``none`` emulation)."""
+    """Host memory (``device="cpu"``) or the model's device (the ``offload="none"`` emulation)."""
 
     def __init__(self, device: torch.device, pin: bool = False, name: str = "host"):
         super().__init__()
@@ -51,18 +68,21 @@ class MemoryTier(Tier):
 
     def put(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """``keys/values (n, T, D)``; copied (the caller's tensors are freed after prefill)."""
-        k = keys.detach().to(self.device, copy=True)
-        v = values.detach().to(self.device, copy=True)
-        if self.pin and self.device.type == "cpu":
-            k, v = k.pin_memory(), v.pin_memory()
-        self.layers[layer] = (k, v)
+        self.layers[layer] = (keys.detach().to(self.device, copy=True), values.detach().to(self.device, copy=True))
 
     def gather(self, layer: int, rows: torch.Tensor, positions: torch.Tensor):
-        """``rows (m,)`` into the stored ``n``, ``positions (m, k)`` -> keys, values ``(m, k, D)`` on this tier."""
+        """``rows (m,)`` into the stored ``n``, ``positions (m, k)`` -> keys, values ``(m, k, D)`` on this
+        tier, written into pinned memory when ``pin`` (the transfer to the GPU is then asynchronous)."""
         keys, values = self.layers[layer]
-        rows = rows.to(keys.device)
-        positions = positions.to(keys.device)
-        return keys[rows[:, None], positions], values[rows[:, None], positions]
+        n, length, dim = keys.shape
+        flat = (rows.to(keys.device)[:, None] * length + positions.to(keys.device)).reshape(-1)
+        out = []
+        for stored in (keys, values):
+            buffer = torch.empty((flat.numel(), dim), dtype=stored.dtype, device=stored.device,
+                                 pin_memory=self.pin and stored.device.type == "cpu")
+            torch.index_select(stored.view(n * length, dim), 0, flat, out=buffer)
+            out.append(buffer.view(*positions.shape, dim))
+        return out[0], out[1]
 
 
 class DiskTier(Tier):
@@ -76,14 +96,7 @@ class DiskTier(Tier):
             self.directory = Path(tempfile.mkdtemp(prefix="heterocache-"))
             self.owned = True
         else:
-            self.directory = Path(directory).expanduser()
-            try:
-                self.directory.mkdir(parents=True, exist_ok=True)
-                probe = self.directory / ".write-test"
-                probe.write_bytes(b"")
-                probe.unlink()
-            except OSError as err:
-                raise ValueError(f"offload_dir={str(directory)!r} is not a writable directory: {err}") from None
+            self.directory = check_directory(directory)
             self.owned = False
 
     def put(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -91,7 +104,7 @@ class DiskTier(Tier):
             keys, values = keys.float(), values.float()  # bf16 has no numpy dtype: widen on disk
         path = self.directory / f"layer{layer:03d}.safetensors"
         save_file({"keys": keys.detach().cpu().contiguous(), "values": values.detach().cpu().contiguous()}, str(path))
-        self.layers[layer] = self._map(path) + (path, keys.dtype)
+        self.layers[layer] = self._map(path) + (path,)
 
     @staticmethod
     def _map(path: Path):
@@ -109,7 +122,7 @@ class DiskTier(Tier):
         return tuple(out)
 
     def gather(self, layer: int, rows: torch.Tensor, positions: torch.Tensor):
-        keys, values, _, dtype = self.layers[layer]
+        keys, values, _ = self.layers[layer]
         r = rows.cpu().numpy()[:, None]
         p = positions.cpu().numpy()
         return torch.from_numpy(np.ascontiguousarray(keys[r, p])), torch.from_numpy(np.ascontiguousarray(values[r, p]))
@@ -117,16 +130,13 @@ class DiskTier(Tier):
     def _layer_bytes(self, entry) -> int:
         return os.path.getsize(entry[2]) if os.path.exists(entry[2]) else 0
 
-    def clear(self) -> None:
+    def close(self) -> None:
         for entry in self.layers.values():
             try:
                 os.remove(entry[2])
             except OSError:
                 pass
         self.layers.clear()
-
-    def close(self) -> None:
-        self.clear()
         if self.owned:
             shutil.rmtree(self.directory, ignore_errors=True)
 

@@ -3,9 +3,10 @@
 Roles come from a :class:`~heterocache.profiling.profile.HeadProfile`: volatile and pivot heads
 keep every token; anchors keep a fixed set chosen at prefill; satellites keep a set on the device
 and their full prefill K/V in a slower tier, refreshed from it when their pivot's attention drifts
-(runtime in ``heterocache/retrieval.py``). Budgets follow docs/DESIGN.md s.2: full heads take ``T``
-each and anchors + satellites share the rest in proportion to their profile weights (less stable
-heads get more), water-filled so the total is exactly ``round(keep * T * n_layers * n_kv_heads)``.
+(``runtime.py``; tiers in ``tiers.py``). Budgets (:func:`heterocache.budget.allocate`) follow
+docs/DESIGN.md s.2: full heads take ``T`` each and anchors + satellites share the rest in
+proportion to their profile weights (less stable heads get more), water-filled so the total is
+exactly ``round(keep * T * n_layers * n_kv_heads)``.
 """
 
 from __future__ import annotations
@@ -16,74 +17,14 @@ from typing import Any
 
 import torch
 
-from heterocache.budget import total_budget, weighted_budgets
-from heterocache.methods.base import DecodeContext, Method, PrefillContext, register
-from heterocache.methods.scoring import pool1d, reduce_gqa, select_with_forced, window_attention
-from heterocache.methods.snapkv import window_votes
-
-EPS = 1e-6
-
-
-def allocate(profile, keep: float, prompt_len: int, weighting: str = "profile", min_tokens: int = 5,
-             max_full_share: float = 1.0):
-    """Per-head budgets and full-head flags for one prompt length.
-
-    Returns ``(budgets [L][H] int, full [L][H] bool)``. When ``keep`` cannot pay for every full
-    head plus ``min_tokens`` per compressed head, full heads are demoted to compressed ones, the
-    most stable first (volatile heads before pivots): the fewest demotions that fit. A demoted
-    pivot stops monitoring; its satellites then stay static. Demotion continues while full heads
-    would take more than ``max_full_share`` of the total (so compressed heads are never starved).
-    Raises ``ValueError`` only when even ``min_tokens`` per head does not fit.
-    """
-    layers, heads = profile.n_layers, profile.n_kv_heads
-    n = layers * heads
-    total = total_budget(keep, prompt_len, layers, heads)
-    floor_tokens = min(min_tokens, prompt_len)
-    if total < n * floor_tokens:
-        raise ValueError(
-            f"keep={keep} leaves {total} tokens for {n} heads; heterocache needs at least {floor_tokens} per head "
-            f"(keep >= {n * floor_tokens / (prompt_len * n):.4f} for a {prompt_len}-token prompt)"
-        )
-    records = [h for row in profile.heads for h in row]
-    full = {(h.layer, h.head) for h in records if h.is_full}
-    demote_order = sorted((h for h in records if h.is_full),
-                          key=lambda h: (h.role == "pivot", -h.stability, h.layer, h.head))
-    for h in demote_order:
-        fits = len(full) * prompt_len + (n - len(full)) * floor_tokens <= total
-        if fits and len(full) * prompt_len <= max_full_share * total:
-            break
-        full.discard((h.layer, h.head))
-    compressed = [h for h in records if (h.layer, h.head) not in full]
-    if weighting == "uniform":
-        weights = [1.0] * len(compressed)
-    elif weighting == "profile":
-        # profile weights are M * (1/(S+eps)) / sum(...); demoted full heads have none: give them the
-        # same formula on the same scale (the normalising constant of the profile's own weights)
-        scales = [h.weight * (h.stability + EPS) for h in records if h.weight is not None]
-        scale = sum(scales) / len(scales) if scales else 1.0
-        weights = [h.weight if h.weight is not None else scale / (h.stability + EPS) for h in compressed]
-    else:
-        raise ValueError(f"weighting={weighting!r} is invalid; choose 'profile' or 'uniform'")
-    shares = weighted_budgets(total - len(full) * prompt_len, weights, [prompt_len] * len(compressed),
-                              floor_tokens) if compressed else []
-    budgets = [[prompt_len] * heads for _ in range(layers)]
-    is_full = [[(layer, head) in full for head in range(heads)] for layer in range(layers)]
-    for h, share in zip(compressed, shares):
-        budgets[h.layer][h.head] = share
-    return budgets, is_full
+from heterocache.budget import allocate
+from heterocache.methods.base import DecodeContext, Method, PrefillContext, check_choice, check_range
+from heterocache.methods.heterocache.runtime import Runtime
+from heterocache.methods.heterocache.tiers import TIERS, check_directory
+from heterocache.methods.scoring import pooled_row_attention, select_with_forced
+from heterocache.methods.snapkv import check_window_options, window_votes
 
 
-def pivot_scores(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scaling: float,
-                 kernel: int) -> torch.Tensor:
-    """Pooled attention of pivot queries: ``queries (B, P, G, s, D)``, ``keys (B, P, T, D)``,
-    ``valid (B, T)`` -> ``(B, P, s, T)`` (softmax per query head, mean over the group, avg-pooled)."""
-    logits = torch.einsum("bpgsd,bptd->bpgst", queries.float(), keys.float()) * scaling
-    logits = logits.masked_fill(~valid[:, None, None, None, :], float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(dim=2)
-    return pool1d(probs, kernel, "avg")
-
-
-@register
 @dataclass
 class HeteroCache(Method):
     """HeteroCache: anchor / volatile / pivot / satellite heads with per-head budgets.
@@ -141,9 +82,29 @@ class HeteroCache(Method):
     sinks: int = 4
     recent_fraction: float = 0.0
 
-    @property
-    def needs_decode_hook(self) -> bool:  # type: ignore[override]
-        return self.retrieval != "off"
+    def validate(self) -> None:
+        from heterocache.profiling.profile import HeadProfile
+
+        if self.profile is not None and not isinstance(self.profile, (str, Path, HeadProfile)):
+            raise ValueError(f"profile must be a HeadProfile or a JSON path, got {type(self.profile).__name__}")
+        check_range("steps", self.steps, 1)
+        if self.topk is not None and (isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 1):
+            raise ValueError(f"topk={self.topk!r} must be None or an integer >= 1")
+        if self.drift_threshold != "auto":
+            if isinstance(self.drift_threshold, bool) or not isinstance(self.drift_threshold, (int, float)):
+                raise ValueError(f"drift_threshold={self.drift_threshold!r} must be a number or 'auto'")
+            check_range("drift_threshold", self.drift_threshold, 0)
+        check_choice("retrieval", self.retrieval, ("async", "sync", "off"))
+        check_choice("offload", self.offload, TIERS)
+        if self.offload_dir is not None:
+            if self.offload != "disk":
+                raise ValueError(f"offload_dir is only used with offload='disk' (offload={self.offload!r})")
+            check_directory(self.offload_dir)
+        check_choice("weighting", self.weighting, ("profile", "uniform"))
+        check_range("max_full_share", self.max_full_share, 0, 1, low_open=True)
+        check_window_options(self.window, self.kernel, self.pooling)
+        check_range("sinks", self.sinks, 0)
+        check_range("recent_fraction", self.recent_fraction, 0, 1)
 
     def bind_model(self, model) -> None:
         """Resolve ``profile`` (object, JSON path, or the embedded model's cached profile) and check it."""
@@ -159,17 +120,9 @@ class HeteroCache(Method):
             from heterocache.profiling.api import profile_heads
 
             self.profile = profile_heads(model, load_embedded_tokenizer())
-        elif not isinstance(self.profile, HeadProfile):
-            raise ValueError(f"profile must be a HeadProfile or a JSON path, got {type(self.profile).__name__}")
         self.profile.check_model(model)
 
     def setup(self, cache) -> None:
-        from heterocache.retrieval import Runtime
-
-        if self.retrieval not in ("async", "sync", "off"):
-            raise ValueError(f"retrieval={self.retrieval!r} is invalid; choose 'async', 'sync' or 'off'")
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps={self.steps!r} must be an integer >= 1")
         if self.profile is None:
             raise ValueError("heterocache needs profile=: a HeadProfile or a JSON path "
                              "(make one with hc.profile_heads(model, tokenizer) or `heterocache profile`)")
@@ -177,18 +130,32 @@ class HeteroCache(Method):
         if (self.profile.n_layers, self.profile.n_kv_heads) != (geometry["n_layers"], geometry["n_kv_heads"]):
             raise ValueError(f"profile has {self.profile.n_layers} layers x {self.profile.n_kv_heads} KV heads; "
                              f"the model has {geometry['n_layers']} x {geometry['n_kv_heads']}")
-        cache.method_state["runtime"] = Runtime(self, cache)
+        self.close()
+        self.plans: dict[tuple[float, int], tuple[list[list[int]], list[list[bool]]]] = {}
+        self.runtime = Runtime(self) if self.retrieval != "off" else None
+
+    def plan(self, keep: float, prompt_len: int) -> tuple[list[list[int]], list[list[bool]]]:
+        """``(budgets [L][H], full [L][H])`` for one prompt length (computed once per cache)."""
+        key = (keep, prompt_len)
+        if key not in self.plans:
+            self.plans[key] = allocate(self.profile, keep, prompt_len, self.weighting, self.sinks + 1,
+                                       self.max_full_share)
+        return self.plans[key]
+
+    def budgets(self, keep: float, prompt_len: int, n_layers: int, n_kv_heads: int) -> list[list[int]]:
+        return self.plan(keep, prompt_len)[0]
 
     def select(self, ctx: PrefillContext) -> torch.Tensor:
-        runtime = ctx.state["runtime"]
-        budget, full = runtime.layer_plan(ctx)  # (B, H) long, (B, H) bool
+        full = torch.tensor([self.plan(ctx.keep, n)[1][ctx.layer_idx] for n in ctx.prompt_lengths.tolist()],
+                            dtype=torch.bool, device=ctx.keys.device)  # (B, H)
         keep = ctx.keep_all()
         if bool(full.all()):
             return keep
         scores = window_votes(ctx, self.window, self.kernel, self.pooling, "mean")
-        chosen = select_with_forced(scores, ctx.valid, budget, self.sinks, self.recent(budget))
+        chosen = select_with_forced(scores, ctx.valid, ctx.budget, self.sinks, self.recent(ctx.budget))
         keep = torch.where(full[..., None], keep, chosen)
-        runtime.after_prefill_select(ctx, full, budget)
+        if self.runtime is not None:
+            self.runtime.watch(ctx, full)
         return keep
 
     def recent(self, budget: torch.Tensor) -> torch.Tensor:
@@ -197,18 +164,29 @@ class HeteroCache(Method):
 
     def last_query_scores(self, ctx: PrefillContext) -> torch.Tensor:
         """Pooled attention of the last prompt token per KV head ``(B, H, T)`` (drift reference)."""
-        probs = window_attention(ctx.queries, ctx.keys, 1, ctx.scaling, ctx.valid)[:, :, 0]
-        return pool1d(reduce_gqa(probs, ctx.n_kv_heads, "mean"), 5, "avg")
+        b, hq, _, d = ctx.queries.shape
+        last = ctx.queries[:, :, -1:].reshape(b, ctx.n_kv_heads, hq // ctx.n_kv_heads, 1, d)
+        return pooled_row_attention(last, ctx.keys, ctx.scaling, ctx.valid[:, None, None, None, :])[:, :, 0]
 
-    def before_decode_attention(self, layer, cache) -> None:
-        cache.method_state["runtime"].apply_pending(layer)
+    def before_decode_attention(self, layer) -> None:
+        if self.runtime is not None:
+            self.runtime.apply_pending(layer)
 
     def on_decode_step(self, ctx: DecodeContext) -> None:
-        if self.retrieval != "off":
-            ctx.state["runtime"].observe(ctx)
+        if self.runtime is not None:
+            self.runtime.observe(ctx)
 
     def drift_k(self, satellite_budget: torch.Tensor) -> torch.Tensor:
         """``(B,)`` size of the compared top-k sets given the satellites' budgets ``(B, S)``."""
         if self.topk is None:
             return satellite_budget.max(dim=-1).values.clamp(min=1, max=1024)
         return torch.full_like(satellite_budget[:, 0], int(self.topk))
+
+    def stats(self) -> dict[str, Any]:
+        return self.runtime.stats() if self.runtime is not None else {}
+
+    def close(self) -> None:
+        runtime = getattr(self, "runtime", None)
+        if runtime is not None:
+            runtime.close()
+            self.runtime = None

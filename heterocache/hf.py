@@ -1,0 +1,104 @@
+"""The transformers glue: ``make_cache`` and the registered attention (``attn_implementation="heterocache"``).
+
+Prefill (first forward into an empty :class:`~heterocache.cache.HeadwiseCache`): exact causal
+attention over the full keys/values with transformers' own SDPA path (so FullKV is bit-identical),
+then ``cache.compress`` lets the method select what each KV head keeps. Decode: the new tokens were
+already appended by ``update()``; ``cache.decode`` attends over each head's ragged kept set. Given
+plain tensors (e.g. a ``DynamicCache``), the function is exactly SDPA.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from heterocache.attention import BACKENDS
+from heterocache.budget import validate_keep
+from heterocache.cache import HeadwiseCache, PendingKV
+from heterocache.methods.base import build_method
+from heterocache.models import model_geometry
+
+NAME = "heterocache"
+
+
+def valid_from_mask(attention_mask, batch: int, length: int, device) -> torch.Tensor:
+    """``(B, T)`` bool: False for padding keys, read off the mask diagonal (works with sliding windows)."""
+    if attention_mask is None or not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
+        return torch.ones((batch, length), dtype=torch.bool, device=device)
+    diag = torch.diagonal(attention_mask[:, 0, -length:, -length:], dim1=-2, dim2=-1)
+    if diag.dtype == torch.bool:
+        return diag.clone()
+    return diag > torch.finfo(diag.dtype).min / 2
+
+
+def headwise_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """``query (B, Hq, q, D)`` -> ``(attn_output (B, q, Hq, D), None)``."""
+    if not isinstance(key, PendingKV):
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      scaling=scaling, dropout=dropout, **kwargs)
+    layer = key.layer
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if key.prefill:
+        out, _ = sdpa_attention_forward(module, query, key.keys, key.values, attention_mask,
+                                        scaling=scaling, dropout=dropout, **kwargs)
+        b, _, length, _ = key.keys.shape
+        valid = valid_from_mask(attention_mask, b, length, key.keys.device)
+        layer.cache.compress(layer, module, query, key.keys, key.values, valid, scaling)
+        return out, None
+    return layer.cache.decode(layer, query, scaling, kwargs.get("sliding_window")), None
+
+
+def register() -> str:
+    """Register the attention and mask functions (idempotent); returns the implementation name."""
+    AttentionInterface.register(NAME, headwise_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    return NAME
+
+
+def prepare_model(model) -> None:
+    """Register heterocache's attention and switch the model to it (idempotent).
+
+    With any other cache (e.g. ``DynamicCache``) the function is plain SDPA, so the model stays
+    usable for everything else.
+    """
+    name = register()
+    if getattr(model.config, "_attn_implementation", None) != name:
+        model.set_attn_implementation(name)
+
+
+def make_cache(model, method: str = "full", keep: float = 1.0, *, attention_backend: str = "auto",
+               max_buckets: int = 4, bucket_overhead: int = 1024, **options: Any) -> HeadwiseCache:
+    """Build a :class:`HeadwiseCache` for ``model`` compressing with ``method`` at ``keep``.
+
+    ``options`` are the method's dataclass fields (``heterocache methods`` lists them), validated
+    here: unknown methods or options, wrong types, values out of range and ``keep`` outside (0, 1]
+    raise ``ValueError`` naming the argument. ``attention_backend``: decode attention kernel,
+    ``"auto"`` (the Triton paged kernel on CUDA when triton is installed, else batched SDPA per
+    bucket), ``"sdpa"`` or ``"triton"``. ``max_buckets`` / ``bucket_overhead``: how sequences of
+    different lengths are grouped (``attention.ragged.plan_buckets``).
+    """
+    if attention_backend not in BACKENDS:
+        raise ValueError(f"attention_backend={attention_backend!r} is invalid; choose one of {list(BACKENDS)}")
+    for name, value in (("max_buckets", max_buckets), ("bucket_overhead", bucket_overhead)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "max_buckets" else 0):
+            raise ValueError(f"{name}={value!r} must be an integer >= {1 if name == 'max_buckets' else 0}")
+    keep = validate_keep(keep)
+    instance = build_method(method, **options)
+    instance.bind_model(model)
+    geometry = model_geometry(model)
+    prepare_model(model)
+    device = next(model.parameters()).device
+    if attention_backend == "auto":
+        from heterocache.attention.triton import triton_available
+
+        attention_backend = "triton" if device.type == "cuda" and triton_available(device) else "sdpa"
+    return HeadwiseCache(
+        instance, keep, geometry["n_layers"], geometry["n_kv_heads"], geometry["head_dim"],
+        bucket_options={"max_buckets": max_buckets, "overhead": bucket_overhead}, geometry=geometry,
+        attention_backend=attention_backend, model_config=model.config,
+    )
