@@ -91,21 +91,31 @@ def _load_pretrained(name_or_path: str, dtype: torch.dtype | None):
         raise FileNotFoundError(f"model path {name_or_path!r} does not exist")
     try:
         config = AutoConfig.from_pretrained(name_or_path)
-    except OSError as err:
+    except (OSError, ValueError, KeyError) as err:  # KeyError: unknown model_type
         if path.exists():
-            raise ValueError(f"model directory {name_or_path!r} has no readable config.json: {err}") from None
+            raise ValueError(f"{name_or_path!r} is not a model directory (no readable config.json with a known "
+                             f"model_type): {_first_line(err)}") from None
         raise FileNotFoundError(
             f"could not load model {name_or_path!r}: it is not a local directory and the hub is not "
             "reachable (or the id does not exist). Pass a local directory with config.json and weights."
         ) from None
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(f"model {name_or_path!r} is an encoder-decoder; heterocache needs a decoder-only model")
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or "auto")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or "auto")
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"could not load a causal LM from {name_or_path!r} (weights missing or not a "
+                         f"decoder-only model?): {_first_line(err)}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError):
         tokenizer = None
     return model, tokenizer
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def check_model(model) -> None:

@@ -19,20 +19,38 @@ from heterocache.budget import total_budget
 
 LENGTHS = [53, 30]  # odd prompt length, left padding in row 1
 NEW_TOKENS = 4
-NEEDS_PROFILE = {"heterocache"}  # covered by its own tests (needs a head profile)
 EVICTS_DURING_DECODE = {"tova"}  # default options evict during decode: the cache size is what is exact
-METHODS = [m for m in hc.available_methods() if m not in NEEDS_PROFILE]
+METHODS = hc.available_methods()
 
 
 @functools.cache
 def _model(family: str):
-    return tiny_model(family, layers=2)
+    return tiny_model(family, layers=2, heads=8, kv_heads=4)
 
 
 def _generate(model, ids, mask, cache):
     with torch.no_grad():
         return model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=NEW_TOKENS,
                               min_new_tokens=NEW_TOKENS, do_sample=False)
+
+
+@functools.cache
+def _profile(family: str) -> hc.HeadProfile:
+    """A head profile of the tiny model, calibrated in the test on random token ids (not cached on disk).
+
+    Thresholds 0: every pair of heads counts as similar, so each layer is one star (a pivot and three
+    satellites) and the drift checks and refreshes run inside the matrix."""
+    ids = torch.randint(3, 128, (1, 96), generator=torch.Generator().manual_seed(11))
+    return hc.profile_heads(_model(family), input_ids=ids, max_new_tokens=6, topk=16, cache_dir=False,
+                            progress=False, stable_threshold=0.0, sim_threshold=0.0)
+
+
+def _options(family: str, method: str) -> dict:
+    # retrieval "sync" with a check every step: the drift path runs inside the matrix as well; no sinks, so
+    # keep 0.1 of the 30-token row (12 tokens for 4 heads) still meets heterocache's floor of sinks + 1 per head
+    if method != "heterocache":
+        return {}
+    return {"profile": _profile(family), "steps": 1, "retrieval": "sync", "sinks": 0, "window": 4}
 
 
 @functools.cache
@@ -51,7 +69,7 @@ CASES = [(m, k) for m in METHODS for k in (1.0, 0.5, 0.1) if m != "full" or k ==
 def test_method_matrix(family, method, keep):
     model = _model(family)
     ids, mask = left_padded_batch(LENGTHS)
-    cache = hc.make_cache(model, method, keep)
+    cache = hc.make_cache(model, method, keep, **_options(family, method))
     out = _generate(model, ids, mask, cache)
     n_layers, n_kv = model.config.num_hidden_layers, model.config.num_key_value_heads
     expected = [total_budget(keep, n, n_layers, n_kv) for n in LENGTHS]

@@ -1,0 +1,89 @@
+"""make_cache validates every argument at construction, with messages naming it (renovation bugs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import left_padded_batch, tiny_model
+
+import heterocache as hc
+from heterocache.methods.heterocache.tiers import make_tier
+from heterocache.models import load_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama", layers=2)
+
+
+@pytest.mark.parametrize("method", ["snapkv", "pyramidkv", "cake"])
+def test_pooling_kernel_option_is_not_shadowed_by_the_attention_backend(model, method):
+    # the attention backend used to be make_cache(kernel=...), so this option could not be set
+    cache = hc.make_cache(model, method, 0.5, kernel=3, attention_backend="sdpa")
+    assert cache.method.kernel == 3 and cache.attention_backend == "sdpa"
+    with pytest.raises(ValueError, match="attention_backend='fast'"):
+        hc.make_cache(model, method, 0.5, attention_backend="fast")
+
+
+@pytest.mark.parametrize("method,options,match", [
+    ("snapkv", {"window": "big"}, "window='big'.*int"),
+    ("snapkv", {"window": 0}, "window=0"),
+    ("snapkv", {"kernel": 4}, "kernel=4 must be odd"),
+    ("snapkv", {"pooling": "median"}, "pooling='median'"),
+    ("snapkv", {"gqa": "sum"}, "gqa='sum'"),
+    ("pyramidkv", {"beta": 0}, "beta=0"),
+    ("streamingllm", {"sinks": -1}, "sinks=-1"),
+    ("streamingllm", {"evict_during_decode": "yes"}, "evict_during_decode='yes'.*bool"),
+    ("h2o", {"chunk": 0}, "chunk=0"),
+    ("cake", {"tau1": 0.0}, "tau1=0.0"),
+    ("cake", {"gamma": -1.0}, "gamma=-1.0"),
+    ("heterocache", {"steps": 0}, "steps=0"),
+    ("heterocache", {"steps": 2.5}, "steps=2.5.*int"),
+    ("heterocache", {"retrieval": "lazy"}, "retrieval='lazy'"),
+    ("heterocache", {"offload": "tape"}, "offload='tape'"),
+    ("heterocache", {"drift_threshold": "high"}, "drift_threshold='high'"),
+    ("heterocache", {"max_full_share": 1.5}, "max_full_share=1.5"),
+    ("heterocache", {"topk": 0}, "topk=0"),
+    ("heterocache", {"recent_fraction": 2.0}, "recent_fraction=2.0"),
+    ("heterocache", {"offload_dir": "/tmp/x"}, "offload_dir is only used with offload='disk'"),
+])
+def test_bad_option_values_fail_at_construction(model, method, options, match):
+    with pytest.raises(ValueError, match=match):
+        hc.make_cache(model, method, 0.5, **options)
+
+
+def test_unusable_offload_dir_fails_at_construction(model, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="offload_dir"):
+        hc.make_cache(model, "heterocache", 0.5, offload="disk", offload_dir=str(blocker / "sub"))
+
+
+def test_keep_that_leaves_a_head_without_tokens_is_an_error(model):
+    # 2 layers x 2 KV heads, a 30-token prompt: keep=0.01 gives round(1.2) = 1 token for 4 heads
+    ids, mask = left_padded_batch([30])
+    cache = hc.make_cache(model, "snapkv", 0.01)
+    with pytest.raises(ValueError, match=r"keep=0.01 leaves 3 of the 4 \(layer, KV head\) pairs"):
+        with torch.no_grad():
+            model(ids, attention_mask=mask, past_key_values=cache)
+
+
+def test_offload_none_is_a_device_tier_never_pinned():
+    # offload="none" keeps the copy on the model's device: the fetch must not pin or copy it
+    tier = make_tier("none", torch.device("cpu"))
+    assert tier.name == "device" and not tier.pin
+    assert make_tier("host", torch.device("cuda")).pin  # host copies bound for a GPU gather into pinned memory
+    keys = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)
+    tier.put(0, keys, -keys)
+    got_k, got_v = tier.gather(0, torch.tensor([1, 0]), torch.tensor([[0, 4], [2, 3]]))
+    assert torch.equal(got_k, keys[torch.tensor([[1], [0]]), torch.tensor([[0, 4], [2, 3]])])
+    assert torch.equal(got_v, -got_k)
+
+
+def test_directory_that_is_not_a_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(ValueError, match="is not a model directory"):
+        load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match="could not load a causal LM"):
+        load_model(str(tmp_path))
