@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from heterocache.profiling import classify as cl
+import heterocache.profiling.classify as cl
 from heterocache.profiling.capture import CaptureResult, calibration_ids, capture, read_texts
 from heterocache.profiling.profile import FORMAT, HeadProfile, HeadRecord, model_fingerprint, model_name
 
@@ -150,8 +150,9 @@ def profile_heads(model, tokenizer=None, texts: str | Path | Sequence[str] | Non
     start = time.perf_counter()
     result = capture(model, ids, max_new_tokens=max_new_tokens, topk=topk, progress=progress)
     heads, threshold_info = classify_capture(result, stable_threshold, sim_threshold, similarity)
-    from heterocache import __version__
+    from importlib.metadata import version
 
+    __version__ = version("heterocache")
     settings = {
         "topk": topk, "topk_effective": result.topk, "max_length": max_length, "max_new_tokens": max_new_tokens,
         "prompt_tokens": result.prompt_len, "decode_steps": result.n_decode_steps,
