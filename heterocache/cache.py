@@ -289,7 +289,7 @@ class HeadwiseCache(Cache):
         ctx = PrefillContext(
             layer_idx=layer.layer_idx, n_layers=self.n_layers, queries=query, keys=keys, values=values,
             valid=valid, prompt_lengths=self.prompt_lengths, scaling=scaling, keep=self.keep,
-            budget=self.budget[:, layer.layer_idx], cache=self, module=module,
+            budget=self.budget[:, layer.layer_idx], layers=self.layers, module=module,
         )
         keep = self.method.select(ctx)
         if keep.shape != (b, h, length) or keep.dtype != torch.bool:

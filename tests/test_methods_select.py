@@ -82,7 +82,7 @@ def layer_budget(method, layer, valid, keep, n_layers=N_LAYERS):
 
 def context(method, layer, queries, keys, valid, keep, cache=None, n_layers=N_LAYERS):
     return PrefillContext(layer, n_layers, queries, keys, keys.clone(), valid, valid.sum(-1), SCALING,
-                          keep, layer_budget(method, layer, valid, keep, n_layers), cache=cache)
+                          keep, layer_budget(method, layer, valid, keep, n_layers), layers=cache.layers if cache else None)
 
 
 def run_prefill(method, keep, length=T, pad=PAD, n_layers=N_LAYERS, seed=0):

@@ -56,7 +56,7 @@ class PrefillContext:
     scaling: float
     keep: float
     budget: torch.Tensor
-    cache: Any = None  # the HeadwiseCache; cross-layer methods (CAKE) reach earlier layers through it
+    layers: Any = None  # the cache's HeadwiseLayers; cross-layer methods (CAKE) re-evict earlier ones
     module: Any = None  # the attention module (for sliding_window etc.)
 
     @property

@@ -53,12 +53,12 @@ class CAKE(Method):
     (``keep * L < window``) the allocation is uniform and each head keeps its most recent tokens.
 
     Cascading: at layer ``m`` the layers seen so far share the whole prefix budget by their
-    preferences; earlier layers are re-evicted (``cache.layers[l].restrict``) with their stored,
+    preferences; earlier layers are re-evicted (``ctx.layers[l].restrict``) with their stored,
     already compressed indicators. Intermediate budgets are the ceiling of the exact water level,
     which only shrinks as layers arrive, so the last layer's step lands exactly on the one-shot
     allocation (intermediate memory may exceed the prefix budget by at most one entry per layer).
     ``cascading=False`` keeps earlier layers whole until the last layer, same final result.
-    Needs ``ctx.cache.layers[l]`` with ``padded()``/``restrict()``. Prefill only.
+    Needs ``ctx.layers[l]`` with ``padded()``/``restrict()``. Prefill only.
 
     Parameters
     ----------
@@ -102,7 +102,7 @@ class CAKE(Method):
     def select(self, ctx: PrefillContext) -> torch.Tensor:
         layer, length = ctx.layer_idx, ctx.seq_len
         if layer == 0:
-            self.setup(ctx.cache)
+            self.setup(None)
         window = min(self.window, length)
         probs = window_attention(ctx.queries, ctx.keys, window, ctx.scaling, ctx.valid)[..., : length - window]
         variance = probs.var(dim=2) if window > 1 and probs.shape[-1] else torch.zeros_like(probs[:, :, 0])
@@ -119,9 +119,9 @@ class CAKE(Method):
         for earlier in range(layer):
             if torch.equal(budgets[:, earlier], self.kept[earlier]):
                 continue
-            if ctx.cache is None:
-                raise RuntimeError("CAKE needs ctx.cache.layers[l] (padded/restrict) to re-evict earlier layers")
-            stored = ctx.cache.layers[earlier]
+            if ctx.layers is None:
+                raise RuntimeError("CAKE needs ctx.layers[l] (padded/restrict) to re-evict earlier layers")
+            stored = ctx.layers[earlier]
             _, _, positions, _ = stored.padded()
             slot_valid = positions >= 0
             scores = expand_compact(self.indicator[earlier].to(positions.device), slot_valid)

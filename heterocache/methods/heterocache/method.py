@@ -19,9 +19,9 @@ import torch
 
 from heterocache.budget import allocate
 from heterocache.methods.base import DecodeContext, Method, PrefillContext, check_choice, check_range
-from heterocache.methods.heterocache.runtime import Runtime
+from heterocache.methods.heterocache.runtime import Runtime, Settings, recent_tokens
 from heterocache.methods.heterocache.tiers import TIERS, check_directory
-from heterocache.methods.scoring import pooled_row_attention, select_with_forced
+from heterocache.methods.scoring import select_with_forced
 from heterocache.methods.snapkv import check_window_options, window_votes
 
 
@@ -132,7 +132,9 @@ class HeteroCache(Method):
                              f"the model has {geometry['n_layers']} x {geometry['n_kv_heads']}")
         self.close()
         self.plans: dict[tuple[float, int], tuple[list[list[int]], list[list[bool]]]] = {}
-        self.runtime = Runtime(self) if self.retrieval != "off" else None
+        settings = Settings(self.steps, self.topk, self.drift_threshold, self.retrieval, self.offload,
+                            self.offload_dir, self.sinks, self.window, self.recent_fraction)
+        self.runtime = Runtime(settings, self.profile) if self.retrieval != "off" else None
 
     def plan(self, keep: float, prompt_len: int) -> tuple[list[list[int]], list[list[bool]]]:
         """``(budgets [L][H], full [L][H])`` for one prompt length (computed once per cache)."""
@@ -152,21 +154,12 @@ class HeteroCache(Method):
         if bool(full.all()):
             return keep
         scores = window_votes(ctx, self.window, self.kernel, self.pooling, "mean")
-        chosen = select_with_forced(scores, ctx.valid, ctx.budget, self.sinks, self.recent(ctx.budget))
+        recent = recent_tokens(ctx.budget, self.window, self.recent_fraction)
+        chosen = select_with_forced(scores, ctx.valid, ctx.budget, self.sinks, recent)
         keep = torch.where(full[..., None], keep, chosen)
         if self.runtime is not None:
             self.runtime.watch(ctx, full)
         return keep
-
-    def recent(self, budget: torch.Tensor) -> torch.Tensor:
-        """Most recent prompt tokens each compressed head always keeps: ``(B, H)`` long."""
-        return torch.clamp((budget * self.recent_fraction).long(), min=self.window)
-
-    def last_query_scores(self, ctx: PrefillContext) -> torch.Tensor:
-        """Pooled attention of the last prompt token per KV head ``(B, H, T)`` (drift reference)."""
-        b, hq, _, d = ctx.queries.shape
-        last = ctx.queries[:, :, -1:].reshape(b, ctx.n_kv_heads, hq // ctx.n_kv_heads, 1, d)
-        return pooled_row_attention(last, ctx.keys, ctx.scaling, ctx.valid[:, None, None, None, :])[:, :, 0]
 
     def before_decode_attention(self, layer) -> None:
         if self.runtime is not None:
@@ -175,12 +168,6 @@ class HeteroCache(Method):
     def on_decode_step(self, ctx: DecodeContext) -> None:
         if self.runtime is not None:
             self.runtime.observe(ctx)
-
-    def drift_k(self, satellite_budget: torch.Tensor) -> torch.Tensor:
-        """``(B,)`` size of the compared top-k sets given the satellites' budgets ``(B, S)``."""
-        if self.topk is None:
-            return satellite_budget.max(dim=-1).values.clamp(min=1, max=1024)
-        return torch.full_like(satellite_budget[:, 0], int(self.topk))
 
     def stats(self) -> dict[str, Any]:
         return self.runtime.stats() if self.runtime is not None else {}

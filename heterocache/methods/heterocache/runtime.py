@@ -23,6 +23,33 @@ from heterocache.methods.heterocache.tiers import Tier, make_tier
 from heterocache.methods.scoring import pooled_row_attention, select_with_forced, topk_mask
 
 
+@dataclass(frozen=True)
+class Settings:
+    """The method options the runtime needs (see ``HeteroCache`` for their meaning)."""
+
+    steps: int
+    topk: int | None
+    drift_threshold: float | str
+    retrieval: str
+    offload: str
+    offload_dir: Any
+    sinks: int
+    window: int
+    recent_fraction: float
+
+
+def recent_tokens(budget: torch.Tensor, window: int, recent_fraction: float) -> torch.Tensor:
+    """Most recent prompt tokens each compressed head always keeps: ``(B, H)`` long."""
+    return torch.clamp((budget * recent_fraction).long(), min=window)
+
+
+def last_query_scores(ctx) -> torch.Tensor:
+    """Pooled attention of the last prompt token per KV head ``(B, H, T)`` (the drift reference)."""
+    b, hq, _, d = ctx.queries.shape
+    last = ctx.queries[:, :, -1:].reshape(b, ctx.n_kv_heads, hq // ctx.n_kv_heads, 1, d)
+    return pooled_row_attention(last, ctx.keys, ctx.scaling, ctx.valid[:, None, None, None, :])[:, :, 0]
+
+
 @dataclass
 class Counters:
     """Retrieval counters, reported by ``cache.stats()`` as ``retrieval_<name>``."""
@@ -74,15 +101,15 @@ class PendingRefresh:
 
 
 class Runtime:
-    def __init__(self, method):
-        self.method = method
-        self.profile = method.profile
+    def __init__(self, settings: Settings, profile):
+        self.settings = settings
+        self.profile = profile
         self.layers: dict[int, LayerWatch] = {}
         self.pending: dict[int, PendingRefresh] = {}
         self.tier: Tier | None = None
         self.counters = Counters()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="heterocache-fetch") \
-            if method.retrieval == "async" else None
+            if settings.retrieval == "async" else None
         self.copy_stream = None
 
     # --- prefill -------------------------------------------------------------------------------
@@ -104,13 +131,13 @@ class Runtime:
         if not pivots:
             return
         if self.tier is None:
-            self.tier = make_tier(self.method.offload, ctx.keys.device, self.method.offload_dir)
+            self.tier = make_tier(self.settings.offload, ctx.keys.device, self.settings.offload_dir)
         _, _, length, d = ctx.keys.shape
         self.tier.put(layer, ctx.keys[:, satellites].reshape(-1, length, d),
                       ctx.values[:, satellites].reshape(-1, length, d))
-        scores = self.method.last_query_scores(ctx)[:, pivots]
+        scores = last_query_scores(ctx)[:, pivots]
         budget = ctx.budget[:, satellites]
-        k = torch.minimum(self.method.drift_k(budget), ctx.valid.sum(-1))
+        k = torch.minimum(self.drift_k(budget), ctx.valid.sum(-1))
         device = ctx.keys.device
         self.layers[layer] = LayerWatch(
             pivots=pivots, satellites=satellites, owner=torch.tensor(owner, device=device),
@@ -118,6 +145,12 @@ class Runtime:
             budget=budget,
             stability=torch.tensor([self.profile.heads[layer][p].stability for p in pivots], device=device),
         )
+
+    def drift_k(self, satellite_budget: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` size of the compared top-k sets given the satellites' budgets ``(B, S)``."""
+        if self.settings.topk is None:
+            return satellite_budget.max(dim=-1).values.clamp(min=1, max=1024)
+        return torch.full_like(satellite_budget[:, 0], int(self.settings.topk))
 
     # --- decode --------------------------------------------------------------------------------
     def observe(self, ctx) -> None:
@@ -128,7 +161,7 @@ class Runtime:
         b, hq, q, d = ctx.queries.shape
         h = ctx.layer.n_kv_heads
         watch.buffer.append(ctx.queries.view(b, h, hq // h, q, d)[:, watch.pivots])
-        if ctx.step % self.method.steps:
+        if ctx.step % self.settings.steps:
             return
         queries = torch.cat(watch.buffer, dim=3)
         watch.buffer = []
@@ -154,10 +187,10 @@ class Runtime:
         current = topk_mask(scores.reshape(b, p * s, length), k[:, None].expand(b, p * s), valid).view(b, p, s, length)
         overlap = (current & watch.reference[:, :, None]).sum(-1).float() / k[:, None, None].float()
         median = overlap.median(dim=-1).values  # (B, P)
-        if self.method.drift_threshold == "auto":
+        if self.settings.drift_threshold == "auto":
             threshold = watch.stability[None, :]
         else:
-            threshold = torch.tensor(float(self.method.drift_threshold), device=median.device)
+            threshold = torch.tensor(float(self.settings.drift_threshold), device=median.device)
         triggered = median < threshold
         self.counters.checks += b * p
         n_triggered = int(triggered.sum())
@@ -172,8 +205,9 @@ class Runtime:
         """Choose the refreshed satellite sets (by their pivot's ``newest (B, P, T)`` scores) and start
         fetching them from the tier."""
         sat_scores = newest[:, watch.owner]  # (B, S, T) the pivot chooses positions
-        chosen = select_with_forced(sat_scores, watch.valid, watch.budget, self.method.sinks,
-                                    self.method.recent(watch.budget))
+        settings = self.settings
+        chosen = select_with_forced(sat_scores, watch.valid, watch.budget, settings.sinks,
+                                    recent_tokens(watch.budget, settings.window, settings.recent_fraction))
         refresh = triggered[:, watch.owner]  # (B, S)
         rows_b, rows_s = torch.nonzero(refresh, as_tuple=True)
         counts = watch.budget[rows_b, rows_s]
