@@ -25,14 +25,7 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
         "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
         "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
     }),
-    # hidden preset for the test suite: a few-MB Llama that runs the whole bench in seconds
-    "tiny": ("llama", {
-        "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 4096,
-        "tie_word_embeddings": False,
-    }),
 }
-PUBLIC_ARCHITECTURES = ("llama-3.1-8b", "qwen2.5-7b")
 
 
 def architecture_config(name: str, layers: int | None = None):
@@ -40,7 +33,7 @@ def architecture_config(name: str, layers: int | None = None):
     from transformers import LlamaConfig, Qwen2Config
 
     if name not in ARCHITECTURES:
-        raise ValueError(f"--model-config {name!r} is unknown; choose one of {', '.join(PUBLIC_ARCHITECTURES)}")
+        raise ValueError(f"--model-config {name!r} is unknown; choose one of {', '.join(ARCHITECTURES)}")
     family, fields = ARCHITECTURES[name]
     fields = dict(fields)
     if layers is not None:
