@@ -99,17 +99,22 @@ def bandwidth_bound(weight_bytes: float, kv_full_bytes: float, keep_fraction: fl
     return (weight_bytes + kv_full_bytes) / (weight_bytes + keep_fraction * kv_full_bytes)
 
 
+def torch_dtype(name: str | None) -> torch.dtype | None:
+    """``"bf16"`` / ``"bfloat16"`` -> ``torch.bfloat16`` (the names of eval/arguments.py ``DTYPES``)."""
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    return None if name is None else getattr(torch, aliases.get(name, name))
+
+
 def load_model_for_bench(args) -> tuple:
     """``(model, tag)`` from ``--model`` or ``--model-config``/``--layers``, on ``--device``."""
-    from heterocache.models import _parse_dtype, load_model
+    from heterocache.models import load_model
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = _parse_dtype(args.dtype)
     if args.model_config:
         config = architecture_config(args.model_config, args.layers)
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        dtype = torch_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         return materialise(meta_model(config, dtype), device, seed=args.seed), config.name_or_path
     if args.layers is not None:
         raise ValueError("--layers only applies with --model-config")
-    model, _ = load_model(None if args.model == "embedded" else args.model, device=device, dtype=dtype)
+    model, _ = load_model(None if args.model == "embedded" else args.model, device=device, dtype=args.dtype)
     return model, args.model
