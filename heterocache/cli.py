@@ -1,4 +1,8 @@
-"""Command line: ``heterocache <command> --help``."""
+"""Command line: ``heterocache <command> --help``.
+
+Every command checks its arguments before it loads a model; a user error prints ``error: ...`` on
+stderr and exits with code 2 (eval/arguments.py).
+"""
 
 from __future__ import annotations
 
@@ -8,28 +12,15 @@ import sys
 import time
 from pathlib import Path
 
-
-def _parse_keep(text: str) -> float:
-    from heterocache.budget import validate_keep
-
-    try:
-        return validate_keep(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def parse_options(pairs: list[str] | None) -> dict:
-    """``["window=32", "pooling=max"]`` -> ``{"window": 32, "pooling": "max"}`` (JSON values when they parse)."""
-    out = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise SystemExit(f"error: --option expects NAME=VALUE, got {pair!r}")
-        name, raw = pair.split("=", 1)
-        try:
-            out[name] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[name] = raw
-    return out
+from heterocache.eval.arguments import (
+    UsageError,
+    at_least,
+    keep_fraction,
+    method_options,
+    output_dir,
+    parse_methods,
+    run_command,
+)
 
 
 def cmd_methods(args) -> int:
@@ -49,10 +40,10 @@ def _read_prompt(args) -> str:
     if args.prompt_file is not None:
         path = Path(args.prompt_file)
         if not path.is_file():
-            raise SystemExit(f"error: --prompt-file {path} does not exist")
+            raise UsageError(f"--prompt-file {path} does not exist")
         return path.read_text()
     if sys.stdin.isatty():
-        raise SystemExit("error: give a prompt with --prompt, --prompt-file or on standard input")
+        raise UsageError("give a prompt with --prompt, --prompt-file or on standard input")
     return sys.stdin.read()
 
 
@@ -62,21 +53,22 @@ def cmd_generate(args) -> int:
     import heterocache as hc
     from heterocache.models import check_prompt_length
 
+    method = parse_methods(args.method, "--method")
+    if len(method) != 1:
+        raise UsageError(f"--method takes one method name, got {args.method!r}")
+    options = method_options(args.option, method).get(method[0], {})
     prompt = _read_prompt(args)
     model, tok = hc.load_model(args.model)
     if tok is None:
-        raise SystemExit(f"error: model {args.model!r} has no tokenizer; use the Python API with input_ids")
+        raise UsageError(f"model {args.model!r} has no tokenizer; use the Python API with input_ids")
     if args.chat and tok.chat_template:
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                        add_generation_prompt=True)
         ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
     else:
         ids = tok(prompt, return_tensors="pt").input_ids
-    try:
-        check_prompt_length(model, ids.shape[1], args.max_new_tokens)
-        cache = hc.make_cache(model, args.method, args.keep, **parse_options(args.option))
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
+    check_prompt_length(model, ids.shape[1], args.max_new_tokens)
+    cache = hc.make_cache(model, method[0], args.keep, **options)
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
@@ -93,11 +85,17 @@ def cmd_generate(args) -> int:
 def cmd_demo(args) -> int:
     from heterocache.demo import run_demo
 
-    return run_demo(methods=args.methods.split(","), keep=args.keep, out_dir=Path(args.out))
+    return run_demo(methods=parse_methods(args.methods), keep=args.keep, out_dir=Path(args.out))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="heterocache", description=__doc__)
+    # command groups that live beside their code; imported here, so a broken one fails loudly
+    from heterocache.bench.cli import add_bench_command
+    from heterocache.eval.cli import add_eval_commands
+    from heterocache.profiling.cli import add_profile_command
+
+    parser = argparse.ArgumentParser(prog="heterocache", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("methods", help="list compression methods and their options")
@@ -108,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-file")
     p.add_argument("--model", default=None, help="local HF directory or hub id (default: embedded SmolLM2-135M)")
     p.add_argument("--method", default="full")
-    p.add_argument("--keep", type=_parse_keep, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--keep", type=keep_fraction, default=1.0)
+    p.add_argument("--max-new-tokens", type=at_least(1), default=64)
     p.add_argument("--option", action="append", metavar="NAME=VALUE", help="method option (repeatable)")
     p.add_argument("--no-chat", dest="chat", action="store_false", help="do not apply the chat template")
     p.add_argument("--quiet-stats", action="store_true", help="print stats to stderr")
@@ -117,30 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="main job on the embedded model: passkey retrieval per method")
     p.add_argument("--methods", default="full,snapkv,pyramidkv,heterocache")
-    p.add_argument("--keep", type=_parse_keep, default=0.25)
-    p.add_argument("--out", default="demo_out")
+    p.add_argument("--keep", type=keep_fraction, default=0.25)
+    p.add_argument("--out", type=output_dir, default="demo_out")
     p.set_defaults(func=cmd_demo)
 
-    for module, adder in _EXTENSIONS:
-        try:
-            mod = __import__(module, fromlist=[adder])
-        except ImportError:
-            continue
-        getattr(mod, adder)(sub)
+    add_profile_command(sub)
+    add_eval_commands(sub)
+    add_bench_command(sub)
     return parser
-
-
-# command groups that live beside their code
-_EXTENSIONS = [
-    ("heterocache.profiling.cli", "add_profile_command"),
-    ("heterocache.eval.cli", "add_eval_commands"),
-    ("heterocache.bench", "add_bench_command"),
-]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

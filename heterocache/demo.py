@@ -19,12 +19,13 @@ import torch
 def run_demo(methods: list[str], keep: float, out_dir: Path, length: int = 1500, question_mode: str = "prefill",
              model_name: str | None = None) -> int:
     import heterocache as hc
-    from heterocache.eval.runner import encode_prompt, generate_one
+    from heterocache.eval.runner import generate_one
     from heterocache.eval.tasks import passkey
+    from heterocache.eval.tasks.base import encode_prompt
 
     unknown = [m for m in methods if m not in hc.available_methods()]
     if unknown:
-        raise SystemExit(f"error: unknown method(s) {unknown}; choose from {hc.available_methods()}")
+        raise ValueError(f"unknown method(s) {unknown}; choose from {hc.available_methods()}")
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     model, tok = hc.load_model(model_name)

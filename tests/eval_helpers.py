@@ -45,3 +45,12 @@ def save_tiny(directory: Path) -> Path:
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory
+
+
+# ``heterocache bench --model-config tiny`` for the tests: a few-MB Llama that runs the whole bench
+# in seconds (installed into bench.models.ARCHITECTURES by a fixture; not a user-facing preset)
+TINY_BENCH_ARCHITECTURE = ("llama", {
+    "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 4096,
+    "tie_word_embeddings": False,
+})

@@ -6,11 +6,15 @@ import json
 
 import pytest
 import torch
+from eval_helpers import TINY_BENCH_ARCHITECTURE
 
-from heterocache.bench import largest_fitting, parse_contexts, parse_method_options
-from heterocache.bench_models import architecture_config, bandwidth_bound, meta_model, weight_read_bytes
-from heterocache.bench_report import derive
+from heterocache.bench import models as bench_models
+from heterocache.bench.cli import parse_contexts
+from heterocache.bench.models import architecture_config, bandwidth_bound, meta_model, weight_read_bytes
+from heterocache.bench.report import derive
 from heterocache.cli import main
+from heterocache.eval.arguments import method_options
+from heterocache.eval.search import largest_fitting
 from heterocache.models import model_geometry
 
 LINE_TYPES = {
@@ -20,6 +24,12 @@ LINE_TYPES = {
     "cache": dict, "weight_bytes": int, "kv_full_bytes": int, "read_bytes_per_token": float,
 }
 ROW_TYPES = {"speedup_vs_full": float, "bound_speedup": float, "fraction_of_bound": float}
+
+
+@pytest.fixture(autouse=True)
+def tiny_preset(monkeypatch):
+    """``--model-config tiny``: the test-only architecture (tests/eval_helpers.py)."""
+    monkeypatch.setitem(bench_models.ARCHITECTURES, "tiny", TINY_BENCH_ARCHITECTURE)
 
 
 def _tiny_weight_bytes() -> int:
@@ -115,15 +125,18 @@ def test_llama_8b_preset_builds_on_meta_without_memory():
     assert qwen.model.layers[1].self_attn.k_proj.bias is not None
 
 
-def test_argument_parsing_and_errors(capsys):
+def test_argument_parsing_and_errors(capsys, tmp_path):
     assert parse_contexts("2k,4k,7.5k,900") == [2000, 4000, 7500, 900]
     for bad in ("2x", "0", "1.5", ""):
         with pytest.raises(ValueError, match="--context"):
             parse_contexts(bad)
-    assert parse_method_options(["heterocache:profile=p.json", "heterocache:steps=3"], ["heterocache"]) == {
-        "heterocache": {"profile": "p.json", "steps": 3}}
-    with pytest.raises(ValueError, match="not in --methods"):
-        parse_method_options(["h2o:window=3"], ["snapkv"])
+    # one option syntax for eval, bench and generate: --option [METHOD.]NAME=VALUE (was METHOD:NAME=VALUE here)
+    profile = tmp_path / "p.json"
+    profile.write_text("{}")
+    assert method_options([f"heterocache.profile={profile}", "heterocache.steps=3"], ["heterocache"]) == {
+        "heterocache": {"profile": str(profile), "steps": 3}}
+    with pytest.raises(ValueError, match="no selected method"):
+        method_options(["h2o.window=3"], ["snapkv"])
     with pytest.raises(SystemExit, match="unknown"):
         main(["bench", "--model-config", "tiny", "--methods", "nope"])
     with pytest.raises(SystemExit):
@@ -146,3 +159,18 @@ def test_largest_fitting_doubles_then_bisects():
     assert largest_fitting(fits_under(1000), 100) == 100
     assert largest_fitting(fits_under(0), 256) == 0
     assert largest_fitting(fits_under(1), 256) == 1
+
+
+def test_resume_after_a_line_cut_mid_write(tmp_path):
+    """A bench killed while writing its last result line resumes: the cut line is dropped and redone."""
+    argv = ["bench", "--model-config", "tiny", "--context", "32", "--methods", "streamingllm", "--keep", "0.5",
+            "--steps", "2", "--warmup", "0", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    path = tmp_path / "results.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    assert len(lines) == 2
+    path.write_text(lines[0] + lines[1][: len(lines[1]) // 2])  # killed mid-write
+    assert main(argv) == 0
+    again = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [x["method"] for x in again] == ["full", "streamingllm"]
+    assert again[0] == json.loads(lines[0])  # the complete line is kept, not measured again

@@ -14,16 +14,11 @@ import pytest
 from eval_helpers import save_tiny, tiny_model, tiny_tokenizer
 
 from heterocache.eval.cli import main as eval_main
-from heterocache.eval.runner import (
-    RunConfig,
-    encode_prompt,
-    parse_shard,
-    read_jsonl,
-    run_samples,
-    shard_from_env,
-)
+from heterocache.eval.report import write_summary
+from heterocache.eval.results import read_jsonl
+from heterocache.eval.runner import RunConfig, parse_shard, run_samples, shard_from_env
 from heterocache.eval.tasks import passkey, ruler
-from heterocache.eval.tasks.base import Sample
+from heterocache.eval.tasks.base import Sample, encode_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 KEY_FIELDS = ("task", "sample_id", "method", "keep", "question_mode", "model", "settings")
@@ -85,6 +80,7 @@ def test_resume_after_truncated_line_and_summary(tiny, tmp_path):
     lines = full.splitlines(keepends=True)
     path.write_text("".join(lines[:4]) + lines[4][: len(lines[4]) // 2])
     run_samples(model, tok, samples, config)
+    write_summary(tmp_path)  # the CLI's job (heterocache eval), not the runner's
     keys = _keys(path)
     assert len(keys) == 9 and len(set(keys)) == 9
     assert [json.loads(x)["prediction"] for x in path.read_text().splitlines()[:4]] == \
@@ -105,27 +101,53 @@ def tiny_dir(tmp_path_factory):
 
 
 def _cli(tiny_dir: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "heterocache.eval.cli", "eval", "passkey", "--model", str(tiny_dir),
-            "--methods", "full,snapkv", "--keep", "0.5", "--out", str(out), "--lengths", "1200",
-            "--samples", "2", "--no-progress", *extra]
+    return ["eval", "passkey", "--model", str(tiny_dir), "--methods", "full,snapkv", "--keep", "0.5",
+            "--out", str(out), "--lengths", "1200", "--samples", "2", "--no-progress", *extra]
 
 
-def _env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
+# Runs the eval CLI; after PAUSE_AFTER result lines are durable it creates PAUSE_FILE and blocks, so
+# the test can kill it at a known point (a barrier, not a timing race).
+PAUSING_EVAL = """
+import os, sys, time
+from heterocache.eval import results
+from heterocache.eval.cli import main
+
+append, written = results.ResultLog.append, []
+
+def append_then_pause(self, line):
+    append(self, line)
+    written.append(line)
+    if len(written) == int(os.environ["PAUSE_AFTER"]):
+        open(os.environ["PAUSE_FILE"], "w").close()
+        while True:
+            time.sleep(60)
+
+results.ResultLog.append = append_then_pause
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _env(**extra: str) -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1", **extra}
 
 
 def test_killed_shard_resumes_and_two_shards_equal_the_unsharded_run(tiny_dir, tmp_path):
     """Two ``--shard i/2`` subprocesses; shard 0 is SIGKILLed after 2 results and resumed in-process."""
     out = tmp_path / "run"
     shard0 = out / "results.shard0of2.jsonl"
-    shards = [subprocess.Popen(_cli(tiny_dir, out, "--shard", f"{i}/2"), cwd=REPO, env=_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    deadline = time.time() + 150
-    while time.time() < deadline and shards[0].poll() is None:
-        if shard0.is_file() and shard0.read_text().count("\n") >= 2:
-            shards[0].send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
+    paused = tmp_path / "shard0.paused"
+    shards = [subprocess.Popen([sys.executable, "-c", PAUSING_EVAL, *_cli(tiny_dir, out, "--shard", "0/2")],
+                               cwd=REPO, env=_env(PAUSE_AFTER="2", PAUSE_FILE=str(paused)),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True),
+              subprocess.Popen([sys.executable, "-m", "heterocache.eval.cli", *_cli(tiny_dir, out, "--shard", "1/2")],
+                               cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)]
+    deadline = time.time() + 300
+    while not paused.exists() and shards[0].poll() is None and time.time() < deadline:
+        time.sleep(0.05)  # waiting for the barrier; shard 0 cannot move past it
+    if not paused.exists():
+        shards[0].kill()
+        pytest.fail(f"shard 0 never reached 2 results: {shards[0].communicate(timeout=60)[1]}")
+    shards[0].send_signal(signal.SIGKILL)
     shards[0].wait(timeout=60)
     assert shards[0].returncode == -signal.SIGKILL, "shard 0 finished before it could be killed"
     _, err = shards[1].communicate(timeout=180)
@@ -139,6 +161,7 @@ def test_killed_shard_resumes_and_two_shards_equal_the_unsharded_run(tiny_dir, t
     samples = list(passkey.load(tokenizer=tok, lengths=[1200], samples=2))
     config = RunConfig(out, ["full", "snapkv"], [0.5], "passkey", str(tiny_dir), shard=(0, 2), progress=False)
     run_samples(model, tok, samples, config)  # resume shard 0
+    write_summary(out)  # the CLI's job (heterocache eval), not the runner's
     assert len(_keys(shard0)) == 6 and len(set(_keys(shard0))) == 6
     whole = tmp_path / "whole"
     run_samples(model, tok, samples, RunConfig(whole, ["full", "snapkv"], [0.5], "passkey", str(tiny_dir),

@@ -9,8 +9,8 @@ import pytest
 from eval_helpers import tiny_tokenizer
 
 from heterocache.eval.metrics import string_match_all, string_match_part
-from heterocache.eval.runner import encode_prompt
 from heterocache.eval.tasks import niah, passkey, ruler
+from heterocache.eval.tasks.base import encode_prompt
 from heterocache.eval.tasks.essays import period_token_ids
 
 

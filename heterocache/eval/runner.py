@@ -1,8 +1,8 @@
 """Resumable evaluation runner: samples x methods x keep fractions -> one JSONL line each.
 
-Every line is flushed and fsync'ed before the next sample starts, so an interrupted run loses at
-most the sample in flight; a rerun skips every key already present in the run directory and drops
-a truncated last line. ``shard=(i, n)`` (or ``RANK``/``WORLD_SIZE`` under ``accelerate launch``)
+Results go through the shared result log (eval/results.py: fsync'ed lines, a line cut mid-write is
+dropped and redone, a rerun skips every key already present in the run directory); the jobs follow
+the shared comparison grid (eval/grid.py: FullKV once, then every method x keep, same prompts). ``shard=(i, n)`` (or ``RANK``/``WORLD_SIZE`` under ``accelerate launch``)
 takes samples ``i, i+n, ...`` and writes ``results.shard{i}of{n}.jsonl``.
 
 Question modes (docs/DESIGN.md s.7): ``prefill`` prefills and compresses the whole prompt;
@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import time
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +23,11 @@ from typing import Any
 
 import torch
 
-from heterocache.eval.tasks.base import Sample
+from heterocache.eval.grid import build_cache, method_grid, pending
+from heterocache.eval.results import RESULTS_GLOB, ResultLog, task_key
+from heterocache.eval.tasks.base import Sample, encode_prompt
 
 QUESTION_MODES = ("prefill", "decode")
-RESULTS_GLOB = "results*.jsonl"
 
 
 @dataclass
@@ -53,23 +53,13 @@ class RunConfig:
 
     def combos(self) -> list[tuple[str, float]]:
         """(method, keep) pairs; FullKV runs once at keep 1.0 whatever ``keeps`` says."""
-        out = [("full", 1.0)] if "full" in self.methods else []
-        return out + [(m, k) for m in self.methods if m != "full" for k in self.keeps]
+        return method_grid(self.methods, self.keeps)
 
     def results_path(self) -> Path:
         if self.shard is None:
             return Path(self.out_dir) / "results.jsonl"
         index, count = self.shard
         return Path(self.out_dir) / f"results.shard{index}of{count}.jsonl"
-
-
-def register_synthetic_suites() -> None:
-    """Add passkey / niah / ruler to the loader registry (idempotent)."""
-    from heterocache.eval.tasks import niah, passkey, registry, ruler
-
-    for name, module in (("passkey", passkey), ("niah", niah), ("ruler", ruler)):
-        if name not in registry.TASK_SUITES:
-            registry.register_suite(name, module.load, module.TASKS, needs_data=False)
 
 
 def shard_from_env() -> tuple[int, int] | None:
@@ -87,76 +77,6 @@ def parse_shard(text: str) -> tuple[int, int]:
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"--shard {text!r}: need 0 <= I < N")
     return index, count
-
-
-def result_key(line: dict) -> tuple:
-    return (line.get("suite", ""), line["task"], str(line["sample_id"]), line["method"], float(line["keep"]),
-            line["question_mode"], line["model"], line.get("settings", ""))
-
-
-def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
-    """Parsed lines of ``path``. Bytes after the last newline are a line killed mid-write: they are
-    ignored, and cut from the file when ``repair`` (so the sample is rerun and appended cleanly).
-    Unparsable complete lines are skipped with a warning."""
-    if not path.is_file():
-        return []
-    raw = path.read_bytes()
-    complete_end = raw.rfind(b"\n") + 1
-    lines = []
-    for number, chunk in enumerate(raw[:complete_end].split(b"\n"), 1):
-        if not chunk.strip():
-            continue
-        try:
-            lines.append(json.loads(chunk))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            warnings.warn(f"{path}:{number}: unparsable result line skipped", stacklevel=2)
-    if repair and complete_end < len(raw):
-        with open(path, "r+b") as handle:
-            handle.truncate(complete_end)
-    return lines
-
-
-def append_result(handle, line: dict) -> None:
-    """Write one result line and make it durable before the next sample starts (resume safety)."""
-    handle.write(json.dumps(line, ensure_ascii=False) + "\n")
-    handle.flush()
-    os.fsync(handle.fileno())
-
-
-def build_cache(model, method: str, keep: float, options: dict[str, Any] | None = None):
-    """A fresh cache for one sample (``hc.make_cache``)."""
-    from heterocache import make_cache
-
-    return make_cache(model, method, keep, **(options or {}))
-
-
-def encode_prompt(tokenizer, sample: Sample) -> tuple[list[int], list[int]]:
-    """``(context_ids, rest_ids)``: the prompt's token ids, split where the question starts.
-
-    With ``sample.chat`` the user turn is ``context + question (+ answer_prefix)`` inside the chat
-    template, tokenised with ``add_special_tokens=False`` (the template carries BOS); the answer
-    prefix follows the assistant header when ``sample.extra['answer_after_template']`` (RULER).
-    Both question modes use these same ids.
-    """
-    if sample.chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"task {sample.task!r} asks for the chat template but the tokenizer has none; "
-                             "pass --no-chat")
-        after = bool(sample.extra.get("answer_after_template"))
-        user = sample.context + sample.question + ("" if after else sample.answer_prefix)
-        text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                             add_generation_prompt=True)
-        start = text.find(user)
-        if start < 0:
-            raise ValueError("the chat template altered the user text; cannot split context and question")
-        cut = start + len(sample.context)
-        head, tail = text[:cut], text[cut:] + (sample.answer_prefix if after else "")
-        special = False
-    else:
-        head, tail, special = sample.context, sample.question + sample.answer_prefix, True
-    context_ids = tokenizer(head, add_special_tokens=special, verbose=False)["input_ids"]
-    rest_ids = tokenizer(tail, add_special_tokens=False, verbose=False)["input_ids"]
-    return list(context_ids), list(rest_ids)
 
 
 def _stop_ids(model, tokenizer) -> set[int]:
@@ -235,57 +155,54 @@ def _shard(samples: Iterable[Sample], shard: tuple[int, int] | None) -> list[Sam
 
 
 def run_samples(model, tokenizer, samples: Iterable[Sample], config: RunConfig) -> Path:
-    """Evaluate every (sample, method, keep) not yet in ``config.out_dir``; returns the results file."""
+    """Evaluate every (sample, method, keep) not yet in ``config.out_dir``; returns the results file.
+
+    ``summary.json`` is the caller's to write (``eval.report.write_summary``, as the CLI does).
+    """
     from tqdm.auto import tqdm
 
-    from heterocache.eval.report import write_summary
     from heterocache.models import check_prompt_length
 
     if config.question_mode not in QUESTION_MODES:
         raise ValueError(f"question_mode={config.question_mode!r}; choose one of {QUESTION_MODES}")
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = config.results_path()
-    read_jsonl(path, repair=True)
-    done = {result_key(line) for p in sorted(out_dir.glob(RESULTS_GLOB)) for line in read_jsonl(p)}
     by_task: dict[str, list[Sample]] = {}
     for sample in _shard(samples, config.shard):
         by_task.setdefault(sample.task, []).append(sample)
     eos_ids = _stop_ids(model, tokenizer)
     settings = config.settings_key()
-    with open(path, "a", encoding="utf-8") as handle:
+    grid = config.combos()
+    with ResultLog(config.results_path(), task_key, also_read=sorted(out_dir.glob(RESULTS_GLOB))) as log:
         for task, task_samples in by_task.items():
-            jobs = [(s, m, k) for s in task_samples for m, k in config.combos()]
-            todo = [job for job in jobs if _key(config, settings, *job) not in done]
-            bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=task, disable=not config.progress,
-                       unit="run", dynamic_ncols=True)
-            encoded: dict[str, tuple[list[int], list[int]]] = {}
-            for sample, method, keep in todo:
-                if sample.sample_id not in encoded:
-                    encoded[sample.sample_id] = encode_prompt(tokenizer, sample)
-                context_ids, rest_ids = encoded[sample.sample_id]
+            todo = pending(task_samples, grid, lambda s, m, k: _key(config, settings, s, m, k) in log)
+            total = len(task_samples) * len(grid)
+            bar = tqdm(total=total, initial=total - sum(len(runs) for _, runs in todo), desc=task,
+                       disable=not config.progress, unit="run", dynamic_ncols=True)
+            for sample, runs in todo:
+                context_ids, rest_ids = encode_prompt(tokenizer, sample)
                 max_new = config.max_new_tokens or sample.max_new_tokens
                 check_prompt_length(model, len(context_ids) + len(rest_ids), max_new)
-                cache = build_cache(model, method, keep, config.method_options.get(method))
-                out = generate_one(model, tokenizer, context_ids, rest_ids, cache, config.question_mode,
-                                   max_new, sample.stop, eos_ids)
-                stats = cache.stats() if hasattr(cache, "stats") else {}
-                line = {
-                    "suite": config.suite, "task": task, "sample_id": sample.sample_id, "method": method,
-                    "keep": keep, "question_mode": config.question_mode, "model": config.model_id,
-                    "settings": settings, "prediction": out.pop("prediction"), "gold": sample.gold,
-                    "metric": sample.metric, "keep_fraction": stats.get("keep_fraction", 1.0),
-                    "prompt_tokens": len(context_ids) + len(rest_ids), "context_tokens": len(context_ids),
-                    **out, "chat": sample.chat,
-                    "cache": {k: v for k, v in stats.items() if isinstance(v, int | float | str)},
-                    "extra": {k: v for k, v in sample.extra.items() if isinstance(v, int | float | str | bool)},
-                }
-                line["score"] = score_prediction(sample, line["prediction"])
-                append_result(handle, line)
-                bar.update(1)
+                for method, keep in runs:
+                    cache = build_cache(model, method, keep, config.method_options.get(method))
+                    out = generate_one(model, tokenizer, context_ids, rest_ids, cache, config.question_mode,
+                                       max_new, sample.stop, eos_ids)
+                    stats = cache.stats() if hasattr(cache, "stats") else {}
+                    line = {
+                        "suite": config.suite, "task": task, "sample_id": sample.sample_id, "method": method,
+                        "keep": keep, "question_mode": config.question_mode, "model": config.model_id,
+                        "settings": settings, "prediction": out.pop("prediction"), "gold": sample.gold,
+                        "metric": sample.metric, "keep_fraction": stats.get("keep_fraction", 1.0),
+                        "prompt_tokens": len(context_ids) + len(rest_ids), "context_tokens": len(context_ids),
+                        **out, "chat": sample.chat,
+                        "cache": {k: v for k, v in stats.items() if isinstance(v, int | float | str)},
+                        "extra": {k: v for k, v in sample.extra.items() if isinstance(v, int | float | str | bool)},
+                    }
+                    line["score"] = score_prediction(sample, line["prediction"])
+                    log.append(line)
+                    bar.update(1)
             bar.close()
-    write_summary(out_dir)
-    return path
+    return config.results_path()
 
 
 def _key(config: RunConfig, settings: str, sample: Sample, method: str, keep: float) -> tuple:

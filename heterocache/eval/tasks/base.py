@@ -1,4 +1,4 @@
-"""The sample format every task loader produces (consumed by eval/runner.py)."""
+"""The sample format every task loader produces, and its tokenisation (both question modes use it)."""
 
 from __future__ import annotations
 
@@ -31,3 +31,32 @@ class Sample:
     @property
     def prompt(self) -> str:
         return self.context + self.question + self.answer_prefix
+
+
+def encode_prompt(tokenizer, sample: Sample) -> tuple[list[int], list[int]]:
+    """``(context_ids, rest_ids)``: the prompt's token ids, split where the question starts.
+
+    With ``sample.chat`` the user turn is ``context + question (+ answer_prefix)`` inside the chat
+    template, tokenised with ``add_special_tokens=False`` (the template carries BOS); the answer
+    prefix follows the assistant header when ``sample.extra['answer_after_template']`` (RULER).
+    Both question modes use these same ids.
+    """
+    if sample.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"task {sample.task!r} asks for the chat template but the tokenizer has none; "
+                             "pass --no-chat")
+        after = bool(sample.extra.get("answer_after_template"))
+        user = sample.context + sample.question + ("" if after else sample.answer_prefix)
+        text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                             add_generation_prompt=True)
+        start = text.find(user)
+        if start < 0:
+            raise ValueError("the chat template altered the user text; cannot split context and question")
+        cut = start + len(sample.context)
+        head, tail = text[:cut], text[cut:] + (sample.answer_prefix if after else "")
+        special = False
+    else:
+        head, tail, special = sample.context, sample.question + sample.answer_prefix, True
+    context_ids = tokenizer(head, add_special_tokens=special, verbose=False)["input_ids"]
+    rest_ids = tokenizer(tail, add_special_tokens=False, verbose=False)["input_ids"]
+    return list(context_ids), list(rest_ids)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from heterocache.eval.tasks import infinitebench, longbench, longbench_v2
+from heterocache.eval.tasks import infinitebench, longbench, longbench_v2, niah, passkey, ruler
 from heterocache.eval.tasks.base import Sample
 from heterocache.eval.tasks.common import LoadProblem
 
@@ -41,6 +41,8 @@ register_suite("longbench_e", longbench.load_tasks_e, longbench.E_TASKS)
 register_suite("longbench_v2", longbench_v2.load_tasks, longbench_v2.TASKS, longbench_v2.TASKS[:1])
 register_suite("infinitebench", infinitebench.load_tasks, list(infinitebench.TASKS),
                infinitebench.DEFAULT_TASKS)
+for _name, _module in (("passkey", passkey), ("niah", niah), ("ruler", ruler)):  # synthetic: no data_dir
+    register_suite(_name, _module.load, _module.TASKS, needs_data=False)
 
 
 def _suite(name: str) -> Suite:

@@ -20,7 +20,8 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from heterocache.eval.tasks.base import Sample
+from heterocache.eval.search import largest_fitting
+from heterocache.eval.tasks.base import Sample, encode_prompt
 from heterocache.eval.tasks.common import resolve_tasks
 from heterocache.eval.tasks.essays import essay_text, split_sentences
 
@@ -213,26 +214,11 @@ def _generator(task: str, length: int, text_dir) -> tuple[Callable, int]:
     return (lambda rng, size: _fwe(rng, size, length)), 200  # ranks 2-4 need distinct counts
 
 
-def _largest_fitting(fits: Callable[[int], bool], low: int) -> int:
-    """Largest ``n >= low`` with ``fits(n)`` (monotone), or ``low - 1`` when even ``low`` overflows."""
-    if not fits(low):
-        return low - 1
-    high = low * 2
-    while fits(high):
-        low, high = high, high * 2
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
-    return low
-
-
 def load(data_dir=None, tasks: Sequence[str] | str | None = None, tokenizer=None,
          max_prompt_tokens: int | None = None, limit: int | None = None, chat_template: bool | None = None,
          problems=None, *, lengths: Sequence[int] = (4096,), samples: int = 50, seed: int = 42,
          text_dir=None) -> Iterator[Sample]:
     """``samples`` samples per task and length; ``limit`` caps the samples per task and length."""
-    from heterocache.eval.runner import encode_prompt
-
     names = resolve_tasks(tasks, TASKS, TASKS, "ruler")
     if tokenizer is None:
         raise ValueError("ruler needs a tokenizer (sample sizes are fitted in tokens)")
@@ -253,7 +239,7 @@ def load(data_dir=None, tasks: Sequence[str] | str | None = None, tokenizer=None
                 context_ids, rest_ids = encode_prompt(tokenizer, sample)
                 return len(context_ids) + len(rest_ids) + sample.max_new_tokens <= length
 
-            size = _largest_fitting(lambda n: fits(build(0, n)), smallest)  # noqa: B023
+            size = largest_fitting(lambda n: fits(build(0, n)), low=smallest)  # noqa: B023
             if size < smallest:
                 raise ValueError(f"ruler {task}: length {length} is too short for even the smallest sample")
             for index in range(samples if limit is None else min(samples, limit)):

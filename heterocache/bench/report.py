@@ -1,11 +1,13 @@
-"""``heterocache bench`` results: the resumable JSONL file, derived columns, Markdown table, plot."""
+"""``heterocache bench`` results: resume keys for the shared result log (eval/results.py), derived
+columns, Markdown table, plot."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from heterocache.bench_models import bandwidth_bound
+from heterocache.bench.models import bandwidth_bound
+from heterocache.eval.results import ResultLog
 
 KEY_FIELDS = ("kind", "model", "device", "dtype", "threads", "method", "keep", "options", "context", "batch", "steps",
               "warmup", "schedule")
@@ -15,25 +17,15 @@ def result_key(line: dict) -> str:
     return json.dumps([line.get(k) for k in KEY_FIELDS], sort_keys=True)
 
 
-class ResultFile:
-    """Result lines of one run: read back from ``results.jsonl`` (resume), appended as they finish."""
+def _upgrade(line: dict) -> dict:
+    if line.get("kind") == "decode":
+        line.setdefault("schedule", "sequential")  # lines written before schedules existed
+    return line
 
-    def __init__(self, out_dir: Path | None):
-        self.path = out_dir / "results.jsonl" if out_dir else None
-        self.lines: list[dict] = []
-        if self.path and self.path.is_file():
-            self.lines = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
-        for line in self.lines:
-            if line.get("kind") == "decode":
-                line.setdefault("schedule", "sequential")  # lines written before schedules existed
-        self.done = {result_key(x) for x in self.lines}
 
-    def record(self, line: dict) -> None:
-        self.lines.append(line)
-        self.done.add(result_key(line))
-        if self.path:
-            with self.path.open("a") as handle:
-                handle.write(json.dumps(line) + "\n")
+def open_results(out_dir: Path | None) -> ResultLog:
+    """``DIR/results.jsonl`` read back (a line cut mid-write is dropped and redone); in memory without a DIR."""
+    return ResultLog(out_dir / "results.jsonl" if out_dir else None, result_key, upgrade=_upgrade)
 
 
 def derive(lines: list[dict]) -> list[dict]:

@@ -25,14 +25,7 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
         "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
         "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
     }),
-    # hidden preset for the test suite: a few-MB Llama that runs the whole bench in seconds
-    "tiny": ("llama", {
-        "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 4096,
-        "tie_word_embeddings": False,
-    }),
 }
-PUBLIC_ARCHITECTURES = ("llama-3.1-8b", "qwen2.5-7b")
 
 
 def architecture_config(name: str, layers: int | None = None):
@@ -40,7 +33,7 @@ def architecture_config(name: str, layers: int | None = None):
     from transformers import LlamaConfig, Qwen2Config
 
     if name not in ARCHITECTURES:
-        raise ValueError(f"--model-config {name!r} is unknown; choose one of {', '.join(PUBLIC_ARCHITECTURES)}")
+        raise ValueError(f"--model-config {name!r} is unknown; choose one of {', '.join(ARCHITECTURES)}")
     family, fields = ARCHITECTURES[name]
     fields = dict(fields)
     if layers is not None:
@@ -106,17 +99,22 @@ def bandwidth_bound(weight_bytes: float, kv_full_bytes: float, keep_fraction: fl
     return (weight_bytes + kv_full_bytes) / (weight_bytes + keep_fraction * kv_full_bytes)
 
 
+def torch_dtype(name: str | None) -> torch.dtype | None:
+    """``"bf16"`` / ``"bfloat16"`` -> ``torch.bfloat16`` (the names of eval/arguments.py ``DTYPES``)."""
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    return None if name is None else getattr(torch, aliases.get(name, name))
+
+
 def load_model_for_bench(args) -> tuple:
     """``(model, tag)`` from ``--model`` or ``--model-config``/``--layers``, on ``--device``."""
-    from heterocache.models import _parse_dtype, load_model
+    from heterocache.models import load_model
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = _parse_dtype(args.dtype)
     if args.model_config:
         config = architecture_config(args.model_config, args.layers)
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        dtype = torch_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         return materialise(meta_model(config, dtype), device, seed=args.seed), config.name_or_path
     if args.layers is not None:
         raise ValueError("--layers only applies with --model-config")
-    model, _ = load_model(None if args.model == "embedded" else args.model, device=device, dtype=dtype)
+    model, _ = load_model(None if args.model == "embedded" else args.model, device=device, dtype=args.dtype)
     return model, args.model

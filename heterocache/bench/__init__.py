@@ -1,0 +1,19 @@
+"""``heterocache bench``: prefill time, decode ms/token, memory and speedup vs FullKV per method.
+
+Protocol (PEERS.md): random prompt token ids of each context length (timing only: methods
+still compress normally), one prefill forward, then single-token forwards feeding back the argmax;
+decode time = median of ``--steps`` steps after ``--warmup`` warm-up steps, ``torch.cuda.synchronize``
+around every timed region on CUDA. Every method is compared with ``full`` measured by the same
+command; ``--interleave`` times the methods' decode steps round-robin instead of one after the
+other, so on a shared, loaded machine all of them see the same conditions. Next to each speedup
+stands the memory-bandwidth bound ``(W + KV) / (W + r * KV)`` (W = weight bytes read per token,
+KV = full KV bytes, r = measured kept fraction).
+
+Results go to ``DIR/results.jsonl`` one line per (method, keep, context, batch) as they finish,
+through the shared result log (heterocache/eval/results.py: rerunning skips finished lines; a line
+cut mid-write by a kill is dropped and measured again), then ``results.json`` (rows with the derived columns),
+``table.md`` and ``decode_ms.png``.
+
+Modules: ``cli.py`` (arguments, checked before the model loads), ``run.py`` (measurements),
+``models.py`` (architecture presets, byte accounting), ``report.py`` (derived columns, table, plot).
+"""
