@@ -85,7 +85,8 @@ def cmd_generate(args) -> int:
 def cmd_demo(args) -> int:
     from heterocache.demo import run_demo
 
-    return run_demo(methods=parse_methods(args.methods), keep=args.keep, out_dir=Path(args.out))
+    return run_demo(methods=parse_methods(args.methods), keep=args.keep, out_dir=Path(args.out), length=args.length,
+                    question_mode=args.question_mode)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,8 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="main job on the embedded model: passkey retrieval per method")
-    p.add_argument("--methods", default="full,snapkv,pyramidkv,heterocache")
+    p.add_argument("--methods", default="full,snapkv,heterocache")
     p.add_argument("--keep", type=keep_fraction, default=0.25)
+    p.add_argument("--question-mode", choices=("decode", "prefill"), default="decode",
+                   help="decode (default): ask the question after compression; prefill: inside the compressed prompt")
+    p.add_argument("--length", type=at_least(100), default=3000, help="haystack tokens (default 3000)")
     p.add_argument("--out", type=output_dir, default="demo_out")
     p.set_defaults(func=cmd_demo)
 
