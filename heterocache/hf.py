@@ -53,6 +53,11 @@ def headwise_attention(module, query, key, value, attention_mask, scaling=None, 
     return layer.cache.decode(layer, query, scaling, kwargs.get("sliding_window")), None
 
 
+def cache_kwargs(model, cache) -> dict[str, Any]:
+    """How this transformers version wants the cache passed to ``model(...)`` / ``generate``."""
+    return {"past_key_values": cache}
+
+
 def register() -> str:
     """Register the attention and mask functions (idempotent); returns the implementation name."""
     AttentionInterface.register(NAME, headwise_attention)

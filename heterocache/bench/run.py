@@ -14,7 +14,7 @@ import torch
 
 from heterocache.bench.models import kv_bytes, load_model_for_bench, weight_read_bytes
 from heterocache.bench.report import megabytes, open_results, result_key, write_report
-from heterocache.eval.grid import method_grid, pending
+from heterocache.eval.grid import Feeder, method_grid, pending
 from heterocache.eval.search import largest_fitting
 
 CPU_MEMORY_NOTE = "CPU: cache device_bytes only (no allocator peak; weights and activations not counted)"
@@ -25,23 +25,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def prefill(model, cache, input_ids: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """One prefill forward of ``input_ids (B, T)`` into ``cache``: ``(seconds, next token (B, 1))``."""
+def prefill(feeder: Feeder, input_ids: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """One prefill forward of ``input_ids (B, T)`` into ``feeder``'s cache: ``(seconds, next token (B, 1))``."""
     _sync(input_ids.device)
     start = time.perf_counter()
     with torch.no_grad():
-        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        token = feeder(input_ids, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
     _sync(input_ids.device)
     return time.perf_counter() - start, token
 
 
-def decode_step(model, cache, token: torch.Tensor) -> tuple[float, torch.Tensor]:
+def decode_step(feeder: Feeder, token: torch.Tensor) -> tuple[float, torch.Tensor]:
     """One greedy single-token forward: ``(milliseconds, next token (B, 1))``."""
     start = time.perf_counter()
     with torch.no_grad():
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        token = feeder(token)[:, -1].argmax(-1, keepdim=True)
     _sync(token.device)
     return (time.perf_counter() - start) * 1000, token
 
@@ -86,8 +84,6 @@ class Bench:
         peak memory is then the group's). A run whose method rejects the setting (``ValueError``) is
         skipped with a message. Returns one result line per measured run.
         """
-        from heterocache import make_cache
-
         ids = self.prompt(context, batch)
         measured, caches, tokens, prefills = [], [], [], []
         if self.device.type == "cuda":
@@ -96,8 +92,8 @@ class Bench:
         try:
             for method, keep, options in runs:
                 try:
-                    caches.append(make_cache(self.model, method, keep, **options))
-                    seconds, token = prefill(self.model, caches[-1], ids)
+                    caches.append(Feeder.open(self.model, method, keep, options))
+                    seconds, token = prefill(caches[-1], ids)
                 except ValueError as err:
                     print(f"bench: skipping {method} keep={keep:g} context={context}: {err}")
                     if len(caches) > len(measured):
@@ -109,7 +105,7 @@ class Bench:
             times = [[] for _ in caches]
             for _ in range(warmup + steps):
                 for i, cache in enumerate(caches):
-                    ms, tokens[i] = decode_step(self.model, cache, tokens[i])
+                    ms, tokens[i] = decode_step(cache, tokens[i])
                     times[i].append(ms)
             return [self._line(m, k, o, context, batch, steps, warmup, prefills[i], times[i][warmup:], caches[i],
                                schedule) for i, (m, k, o) in enumerate(measured)]

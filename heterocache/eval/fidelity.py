@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from heterocache.eval.grid import build_cache, method_grid, pending
+from heterocache.eval.grid import Feeder, method_grid, pending
 from heterocache.eval.results import ResultLog, fidelity_key
 from heterocache.eval.tasks.essays import essay_text
 
@@ -82,14 +82,12 @@ def window_offsets(n_tokens: int, context: int, continuation: int, windows: int,
 
 
 @torch.inference_mode()
-def teacher_forced_logits(model, context_ids: list[int], continuation_ids: list[int], cache) -> torch.Tensor:
+def teacher_forced_logits(model, context_ids: list[int], continuation_ids: list[int], feeder: Feeder) -> torch.Tensor:
     """``(M, V)`` float32 logits predicting each continuation token; prefill, then one token per forward."""
     device = model.device
 
     def forward(ids: list[int]) -> torch.Tensor:
-        out = model(input_ids=torch.tensor([ids], device=device), past_key_values=cache, use_cache=True,
-                    logits_to_keep=1)
-        return out.logits[0, -1].float().cpu()
+        return feeder(torch.tensor([ids], device=device), logits_to_keep=1)[0, -1].float().cpu()
 
     rows = [forward(context_ids)]
     rows += [forward([token]) for token in continuation_ids[:-1]]
@@ -108,7 +106,6 @@ def run_fidelity(model, tokenizer, config: FidelityConfig) -> Path:
     ``summary.json`` is the caller's to write (``eval.report.write_summary``, as the CLI does).
     """
     from tqdm.auto import tqdm
-    from transformers import DynamicCache
 
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -127,17 +124,20 @@ def run_fidelity(model, tokenizer, config: FidelityConfig) -> Path:
             context = ids[offset: offset + config.context]
             continuation = ids[offset + config.context: offset + config.context + config.continuation]
             targets = torch.tensor(continuation)
-            reference = teacher_forced_logits(model, context, continuation, DynamicCache(config=model.config))
+            reference = teacher_forced_logits(model, context, continuation, Feeder.reference(model))
             for method, keep in runs:
-                cache = build_cache(model, method, keep, config.method_options.get(method))
+                feeder = Feeder.open(model, method, keep, config.method_options.get(method))
                 start = time.perf_counter()
-                logits = teacher_forced_logits(model, context, continuation, cache)
+                logits = teacher_forced_logits(model, context, continuation, feeder)
                 seconds = time.perf_counter() - start
-                stats = cache.stats() if hasattr(cache, "stats") else {}
+                stats = feeder.stats()
+                feeder.close()
                 log.append({"window": window, "offset": offset, "method": method, "keep": keep,
                             "model": config.model_id, "settings": settings, "context_tokens": len(context),
                             **score_window(reference, logits, targets),
-                            "keep_fraction": stats.get("keep_fraction", 1.0), "seconds": round(seconds, 3)})
+                            "keep_fraction": stats.get("keep_fraction", 1.0), "seconds": round(seconds, 3),
+                            **{k: stats[k] for k in ("stored_fraction", "masked", "device_bytes", "host_bytes",
+                                                     "disk_bytes", "retrieval_bytes") if k in stats}})
                 bar.update(1)
         bar.close()
     return path

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from heterocache.eval.grid import build_cache, method_grid, pending
+from heterocache.eval.grid import Feeder, method_grid, pending
 from heterocache.eval.results import RESULTS_GLOB, ResultLog, task_key
 from heterocache.eval.tasks.base import Sample, encode_prompt
 
@@ -95,16 +95,16 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
 
 
 class _Session:
-    """Greedy generation through one cache: feeds ids, remembers the last logits (eval helper)."""
+    """Greedy generation through one cache (a :class:`Feeder`, or a cache object wrapped in one):
+    feeds ids, remembers the last logits (eval helper)."""
 
     def __init__(self, model, cache):
-        self.model, self.cache, self.device = model, cache, model.device
+        self.feeder = cache if isinstance(cache, Feeder) else Feeder(model, cache=cache)
+        self.device = model.device
         self.logits: torch.Tensor | None = None
 
     def forward(self, ids: list[int]) -> None:
-        out = self.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=self.cache,
-                         use_cache=True, logits_to_keep=1)
-        self.logits = out.logits[0, -1]
+        self.logits = self.feeder(torch.tensor([ids], device=self.device), logits_to_keep=1)[0, -1]
 
     def feed(self, ids: list[int], at_once: bool) -> None:
         """``at_once``: one forward (a prefill); else one forward per token (the decode path)."""
@@ -259,7 +259,7 @@ def run_samples(model, tokenizer, samples: Iterable[Sample], config: RunConfig) 
                 max_new = config.max_new_tokens or sample.max_new_tokens
                 check_prompt_length(model, len(context_ids) + len(rest_ids), max_new)
                 for method, keep in runs:
-                    cache = build_cache(model, method, keep, config.method_options.get(method))
+                    cache = Feeder.open(model, method, keep, config.method_options.get(method))
                     if sample.extra.get("turns"):
                         out = generate_turns(model, tokenizer, sample, context_ids, rest_ids, cache,
                                              config.question_mode, max_new, eos_ids)
@@ -270,7 +270,8 @@ def run_samples(model, tokenizer, samples: Iterable[Sample], config: RunConfig) 
                     else:
                         out = generate_one(model, tokenizer, context_ids, rest_ids, cache, config.question_mode,
                                            max_new, sample.stop, eos_ids)
-                    stats = cache.stats() if hasattr(cache, "stats") else {}
+                    stats = cache.stats()
+                    cache.close()
                     line = {
                         "suite": config.suite, "task": task, "sample_id": sample.sample_id, "method": method,
                         "keep": keep, "question_mode": config.question_mode, "model": config.model_id,
