@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from heterocache import compat
 from heterocache.attention.ragged import bucket_attention, key_mask, plan_buckets
 
 GROWTH = 1.25
@@ -109,13 +110,16 @@ class HeadwiseLayer(CacheLayerMixin):
         pending = PendingKV(self, key_states, value_states, prefill)
         return pending, pending
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        return self.seen + compat.query_length(query_length), 0
 
     def get_seq_length(self) -> int:
         return self.seen
 
     def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # the name of get_max_length in transformers < 5.3
         return -1
 
     def reset(self) -> None:

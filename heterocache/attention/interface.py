@@ -13,6 +13,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from heterocache.cache import PendingKV
 from heterocache.methods.base import DecodeContext, PrefillContext
@@ -30,11 +31,16 @@ def valid_from_mask(attention_mask, batch: int, length: int, device) -> torch.Te
     return diag > torch.finfo(diag.dtype).min / 2
 
 
-def headwise_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """``query (B, Hq, q, D)`` -> ``(attn_output (B, q, Hq, D), None)``."""
+def headwise_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """``query (B, Hq, q, D)`` -> ``(attn_output (B, q, Hq, D), None)``.
+
+    The parameter order is transformers' own (``dropout`` before ``scaling``): wrappers such as
+    kvpress's attention patch pass ``dropout`` positionally. Plain tensors (another cache) go to the
+    registered ``"sdpa"`` entry, so a patch applied there (kvpress's head-wise masking) still applies.
+    """
     if not isinstance(key, PendingKV):
-        return sdpa_attention_forward(module, query, key, value, attention_mask,
-                                      scaling=scaling, dropout=dropout, **kwargs)
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask,
+                                               dropout=dropout, scaling=scaling, **kwargs)
     layer = key.layer
     cache = layer.cache
     if scaling is None:
