@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from heterocache.compat import cache_kwargs
+
 ATTN_NAME = "heterocache_profile"
 POOL_KERNEL = 5
 
@@ -161,12 +163,12 @@ def capture(model, input_ids: torch.Tensor, max_new_tokens: int = 100, topk: int
     try:
         with attention_swapped(model, recorder.attention), torch.inference_mode():
             cache = DynamicCache(config=model.config)
-            out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=input_ids, **cache_kwargs(cache, model), use_cache=True, logits_to_keep=1)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             generated.append(token)
             for step in tqdm(range(1, max_new_tokens), desc="profiling (decode steps)", disable=not progress):
                 recorder.step = step
-                out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                out = model(input_ids=token, **cache_kwargs(cache, model), use_cache=True, logits_to_keep=1)
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
                 generated.append(token)
     finally:
