@@ -34,7 +34,7 @@ peers: $(PEERS_STAMP)
 
 # exactness + method matrix + peer tests on the oldest supported transformers (5.2, kvpress's pin)
 test-peers: $(PEERS_STAMP)
-	$(PEERS_BIN)/python -c "import kvpress, transformers; print('kvpress', kvpress.__name__, 'on transformers', transformers.__version__)"
+	$(PEERS_BIN)/python -c "from importlib.metadata import version as v; print('kvpress', v('kvpress'), 'on transformers', v('transformers'))"
 	$(PEERS_BIN)/python -m pytest -q $(PEERS_TESTS)
 
 demo: $(STAMP)

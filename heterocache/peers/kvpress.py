@@ -52,7 +52,8 @@ def import_kvpress():
     try:
         import kvpress
     except ImportError as error:
-        raise ImportError(f"the kvpress peer methods need kvpress 0.5.5: {INSTALL_HINT}") from error
+        raise ImportError(f"the kvpress peer methods need kvpress 0.5.5: {INSTALL_HINT} "
+                          f"(importing it failed: {error})") from error
     return kvpress
 
 
