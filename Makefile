@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PEERS_VENV := .venv-peers
 PEERS_BIN := $(PEERS_VENV)/bin
 PEERS_STAMP := $(PEERS_VENV)/.installed
-PEERS_TESTS := tests/test_full_equivalence.py tests/test_methods_matrix.py tests/test_peers_names.py \
+PEERS_TESTS := tests/test_compat.py tests/test_full_equivalence.py tests/test_methods_matrix.py tests/test_peers_names.py \
 	tests/test_peers_kvpress.py
 
 .PHONY: install demo test lint clean peers test-peers
