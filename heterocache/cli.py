@@ -51,6 +51,7 @@ def cmd_generate(args) -> int:
     import torch
 
     import heterocache as hc
+    from heterocache.hf import cache_kwargs
     from heterocache.models import check_prompt_length
 
     method = parse_methods(args.method, "--method")
@@ -71,7 +72,7 @@ def cmd_generate(args) -> int:
     cache = hc.make_cache(model, method[0], args.keep, **options)
     start = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache, model),
                              max_new_tokens=args.max_new_tokens, do_sample=False,
                              pad_token_id=tok.pad_token_id or tok.eos_token_id)
     seconds = time.perf_counter() - start

@@ -9,12 +9,15 @@ plain tensors (e.g. a ``DynamicCache``), the function is exactly SDPA.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from heterocache.attention import BACKENDS
 from heterocache.budget import validate_keep
@@ -35,11 +38,16 @@ def valid_from_mask(attention_mask, batch: int, length: int, device) -> torch.Te
     return diag > torch.finfo(diag.dtype).min / 2
 
 
-def headwise_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """``query (B, Hq, q, D)`` -> ``(attn_output (B, q, Hq, D), None)``."""
+def headwise_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """``query (B, Hq, q, D)`` -> ``(attn_output (B, q, Hq, D), None)``.
+
+    The parameter order is transformers' own (``dropout`` before ``scaling``): wrappers such as
+    kvpress's attention patch pass ``dropout`` positionally. Plain tensors (another cache) go to the
+    registered ``"sdpa"`` entry, so a patch applied there (kvpress's head-wise masking) still applies.
+    """
     if not isinstance(key, PendingKV):
-        return sdpa_attention_forward(module, query, key, value, attention_mask,
-                                      scaling=scaling, dropout=dropout, **kwargs)
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask,
+                                               dropout=dropout, scaling=scaling, **kwargs)
     layer = key.layer
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
@@ -53,9 +61,27 @@ def headwise_attention(module, query, key, value, attention_mask, scaling=None, 
     return layer.cache.decode(layer, query, scaling, kwargs.get("sliding_window")), None
 
 
-def cache_kwargs(model, cache) -> dict[str, Any]:
-    """How this transformers version wants the cache passed to ``model(...)`` / ``generate``."""
-    return {"past_key_values": cache}
+@functools.cache
+def _forward_takes_cache(model_cls: type) -> bool:
+    # deprecate_kwarg wraps forward with functools.wraps, so the signature is the real one
+    return "cache" in inspect.signature(model_cls.forward).parameters
+
+
+def cache_keyword(model=None) -> str:
+    """``"cache"`` (newer 5.x; ``past_key_values=`` warns there) or ``"past_key_values"`` (5.2): the
+    keyword ``model.forward`` and ``generate`` expect. Without a model the installed Llama decides."""
+    if model is None:
+        from transformers import LlamaForCausalLM
+
+        model_cls = LlamaForCausalLM
+    else:
+        model_cls = type(model)
+    return "cache" if _forward_takes_cache(model_cls) else "past_key_values"
+
+
+def cache_kwargs(cache, model=None) -> dict[str, Any]:
+    """``{"cache": cache}`` or ``{"past_key_values": cache}``, for ``model(...)`` and ``model.generate(...)``."""
+    return {cache_keyword(model): cache}
 
 
 def register() -> str:

@@ -9,6 +9,7 @@ import torch
 from conftest import left_padded_batch, tiny_model
 
 import heterocache as hc
+from heterocache.hf import cache_kwargs
 from heterocache.methods.base import Method, PrefillContext, register
 from heterocache.models import check_prompt_length
 
@@ -34,14 +35,14 @@ def test_known_kept_set_is_stored_exactly():
     ids = torch.randint(3, 128, (1, 50))
     cache = hc.make_cache(model, "_test_every_third", 0.5)
     with torch.no_grad():
-        out = model(ids, past_key_values=cache, use_cache=True, output_hidden_states=False)
+        out = model(ids, **cache_kwargs(cache), use_cache=True, output_hidden_states=False)
     # recompute the true keys of layer 0 with a DynamicCache to compare stored values
     from transformers import DynamicCache
 
     ref_cache = DynamicCache()
     model.set_attn_implementation("sdpa")
     with torch.no_grad():
-        model(ids, past_key_values=ref_cache, use_cache=True)
+        model(ids, **cache_kwargs(ref_cache), use_cache=True)
     ref_keys = ref_cache.layers[0].keys
     keys, values, positions, lengths = cache.layers[0].padded()
     for h in range(2):
@@ -63,8 +64,8 @@ def test_device_bytes_fall_with_keep():
     full = hc.make_cache(model, "full", 1.0)
     third = hc.make_cache(model, "_test_every_third", 0.5)
     with torch.no_grad():
-        model(ids, past_key_values=full)
-        model(ids, past_key_values=third)
+        model(ids, **cache_kwargs(full))
+        model(ids, **cache_kwargs(third))
     ratio = third.stats()["device_bytes"] / full.stats()["device_bytes"]
     assert 0.3 < ratio < 0.4  # ~1/3 of the tokens kept, plus the same small headroom
 
@@ -74,7 +75,7 @@ def test_left_padding_is_never_stored():
     ids, mask = left_padded_batch([30, 11])
     cache = hc.make_cache(model, "full")
     with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=cache)
+        model(ids, attention_mask=mask, **cache_kwargs(cache))
     _, _, positions, lengths = cache.layers[1].padded()
     assert lengths[1].tolist() == [11, 11]
     assert positions[1, 0, :11].tolist() == list(range(19, 30))
@@ -86,17 +87,17 @@ def test_manual_loop_crop_and_reset():
     ids = torch.randint(3, 128, (1, 20))
     cache = hc.make_cache(model, "full")
     with torch.no_grad():
-        out = model(ids, past_key_values=cache)
+        out = model(ids, **cache_kwargs(cache))
         for _ in range(5):
             nxt = out.logits[:, -1:].argmax(-1)
-            out = model(nxt, past_key_values=cache)
+            out = model(nxt, **cache_kwargs(cache))
         assert cache.get_seq_length() == 25
         cache.crop(22)
         assert cache.get_seq_length() == 22
         _, _, positions, lengths = cache.layers[0].padded()
         assert lengths.tolist() == [[22, 22]] and int(positions.max()) == 21
         # multi-token append after prefill (e.g. a question fed through the compressed cache)
-        out = model(torch.randint(3, 128, (1, 4)), past_key_values=cache)
+        out = model(torch.randint(3, 128, (1, 4)), **cache_kwargs(cache))
         assert cache.get_seq_length() == 26
         cache.reset()
         assert cache.get_seq_length() == 0 and cache.stats()["kept_tokens"] == 0

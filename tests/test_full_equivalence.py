@@ -8,13 +8,14 @@ from conftest import left_padded_batch, tiny_model
 from transformers import DynamicCache
 
 import heterocache as hc
+from heterocache.hf import cache_kwargs
 
 NEW_TOKENS = 32
 
 
 def _generate(model, ids, mask, cache):
     with torch.no_grad():
-        return model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=NEW_TOKENS,
+        return model.generate(ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=NEW_TOKENS,
                               min_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True,
                               return_dict_in_generate=True)
 

@@ -12,7 +12,7 @@ from transformers import DynamicCache
 import heterocache as hc
 from heterocache.budget import allocate
 from heterocache.cache import HeadwiseCache
-from heterocache.hf import headwise_attention
+from heterocache.hf import cache_kwargs, headwise_attention
 from heterocache.methods.heterocache import HeteroCache
 from heterocache.methods.heterocache.tiers import DiskTier, MemoryTier
 from heterocache.methods.scoring import select_with_forced
@@ -63,10 +63,10 @@ def test_keep_one_equals_full_and_static_selection_by_hand():
     model.set_attn_implementation("sdpa")
     ref_cache = DynamicCache()
     with torch.no_grad():
-        ref = model.generate(ids, attention_mask=mask, past_key_values=ref_cache, max_new_tokens=12, do_sample=False)
+        ref = model.generate(ids, attention_mask=mask, **cache_kwargs(ref_cache), max_new_tokens=12, do_sample=False)
     cache = hc.make_cache(model, "heterocache", 1.0, profile=profile)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=12, do_sample=False)
+        out = model.generate(ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=12, do_sample=False)
     assert torch.equal(ref, out)
 
     cache = hc.make_cache(model, "heterocache", 0.5, profile=profile, retrieval="off", max_full_share=1.0)
@@ -80,7 +80,7 @@ def test_keep_one_equals_full_and_static_selection_by_hand():
     HeteroCache.select = spy
     try:
         with torch.no_grad():
-            model(ids, past_key_values=cache)
+            model(ids, **cache_kwargs(cache))
     finally:
         HeteroCache.select = original
     expected_budget = [[200, 36, 39, 43], [200, 200, 39, 43]]
@@ -188,7 +188,7 @@ def test_async_equals_sync_repeated():
     def run(mode):
         cache = hc.make_cache(model, "heterocache", 0.5, retrieval=mode, **options)
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=8,
+            out = model.generate(ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=8,
                                  min_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
         stats = cache.stats()
         cache.close()

@@ -16,6 +16,7 @@ from transformers import DynamicCache
 
 import heterocache as hc
 from heterocache.budget import total_budget
+from heterocache.hf import cache_kwargs
 
 LENGTHS = [53, 30]  # odd prompt length, left padding in row 1
 NEW_TOKENS = 4
@@ -30,7 +31,7 @@ def _model(family: str):
 
 def _generate(model, ids, mask, cache):
     with torch.no_grad():
-        return model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=NEW_TOKENS,
+        return model.generate(ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=NEW_TOKENS,
                               min_new_tokens=NEW_TOKENS, do_sample=False)
 
 

@@ -16,6 +16,7 @@ import sys, torch
 sys.path.insert(0, "tests")
 torch.set_num_threads(1)
 import heterocache as hc
+from heterocache.hf import cache_kwargs
 from conftest import tiny_model, left_padded_batch
 model = tiny_model("llama", layers=2, heads=6, kv_heads=2)
 ids, mask = left_padded_batch([70, 33], seed=2)
@@ -23,7 +24,7 @@ outs = {}
 for kernel in ("sdpa", "triton"):
     cache = hc.make_cache(model, "snapkv", 0.5, attention_backend=kernel, window=8)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6,
+        out = model.generate(ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=6,
                              min_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
     outs[kernel] = out
 assert torch.equal(outs["sdpa"].sequences, outs["triton"].sequences)

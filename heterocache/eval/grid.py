@@ -73,7 +73,7 @@ class Feeder:
             return self.session.decode(input_ids, **forward_kwargs)
         from heterocache.hf import cache_kwargs
 
-        out = self.model(input_ids=input_ids, use_cache=True, **cache_kwargs(self.model, self.cache),
+        out = self.model(input_ids=input_ids, use_cache=True, **cache_kwargs(self.cache, self.model),
                          **forward_kwargs)
         return out.logits
 

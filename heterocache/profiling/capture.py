@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from heterocache.hf import cache_kwargs
 from heterocache.methods.scoring import ROW_POOL_KERNEL, pool1d, pooled_row_attention
 
 ATTN_NAME = "heterocache_profile"
@@ -156,12 +157,12 @@ def capture(model, input_ids: torch.Tensor, max_new_tokens: int = 100, topk: int
     try:
         with attention_swapped(model, recorder.attention), torch.inference_mode():
             cache = DynamicCache(config=model.config)
-            out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=input_ids, **cache_kwargs(cache, model), use_cache=True, logits_to_keep=1)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             generated.append(token)
             for step in tqdm(range(1, max_new_tokens), desc="profiling (decode steps)", disable=not progress):
                 recorder.step = step
-                out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                out = model(input_ids=token, **cache_kwargs(cache, model), use_cache=True, logits_to_keep=1)
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
                 generated.append(token)
     finally:
