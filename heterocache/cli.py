@@ -31,6 +31,14 @@ def cmd_methods(args) -> int:
         print(f"{name:14s} {cls.description}")
         for option, default in cls.options().items():
             print(f"{'':14s}   {option} = {default!r}")
+    from heterocache.peers.kvpress import INSTALL_HINT, available_peer_methods
+
+    peers = available_peer_methods()
+    if peers:
+        print("\npeer methods (kvpress, run in this harness; options are the press's, --option NAME.OPTION=V):\n  "
+              + "\n  ".join(peers))
+    else:
+        print(f"\npeer methods (kvpress:PRESS): not installed; {INSTALL_HINT}")
     return 0
 
 

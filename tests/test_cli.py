@@ -69,6 +69,10 @@ BAD_INPUT = [
     (["eval", "passkey", "--depths", "0.5,1.5"], "--depths"),
     (["eval", "fidelity", "--windows", "0"], "--windows"),
     (["eval", "passkey", "--dtype", "float8"], "--dtype"),
+    (["eval", "fidelity", "--methods", "full,kvpress:nope"], "unknown peer method 'kvpress:nope'"),
+    (["eval", "passkey", "--sequential", "1"], "--sequential"),
+    (["eval", "niah", "--sequential", "3"], "--sequential"),
+    (["demo", "--question-mode", "later"], "--question-mode"),
     # report
     (["report", "/nonexistent/run"], "does not exist"),
     # bench
@@ -136,3 +140,13 @@ def test_option_syntax_splits_the_method_at_the_last_dot():
         method_options(["_peer:snap.v2.nosuch=1"], methods)
     with pytest.raises(ValueError, match="NAME=VALUE"):
         method_options(["window"], methods)
+
+
+def test_peer_methods_without_kvpress_name_the_extra(no_model, capsys, monkeypatch):
+    import heterocache.peers.kvpress as kvpress
+
+    monkeypatch.setattr(kvpress, "kvpress_available", lambda: False)
+    code, err = run(["eval", "fidelity", "--methods", "full,kvpress:snapkv"], capsys)
+    assert code == 2 and 'pip install -e ".[peers]"' in err and "Traceback" not in err
+    code, err = run(["bench", "--methods", "kvpress:expected_attention"], capsys)
+    assert code == 2 and "make peers" in err

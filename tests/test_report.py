@@ -67,7 +67,7 @@ def test_report_tables_and_plots(run_dir):
     assert "| snapkv | 2 | 30.00 (0.500) | 30.00 (0.250) |" in text  # cwe
     # average over vt and cwe: snapkv keep 0.5 -> (75 + 30) / 2, measured keep (0.51 + 0.5) / 2
     assert "| snapkv | - | 52.50 (0.505) | 15.00 (0.250) |" in text
-    assert "| snapkv | 0.5 | 0.500 | 0.0300 | 0.850 | 22.20 | 2 |" in text
+    assert "| snapkv | 0.5 | 0.500 | 0.0300 | 0.850 | 22.20 | - | 2 |" in text
     for name in ("score_vs_keep_ruler.png", "score_vs_keep_niah.png", "kl_vs_keep.png", "niah_snapkv_keep0.5.png"):
         assert (run_dir / name).stat().st_size > 1000
         assert f"![{name}]({name})" in text
@@ -79,3 +79,17 @@ def test_report_errors(tmp_path):
         build_report(tmp_path / "missing")
     with pytest.raises(ValueError, match="no results"):
         build_report(tmp_path)
+
+
+def test_peers_are_marked_with_their_real_memory(run_dir):
+    base = {"window": 0, "offset": 0, "keep": 0.25, "model": "m", "settings": "s", "tokens": 64, "kl": 0.1,
+            "top1": 0.8, "nll": 3.0, "ppl": math.exp(3.0)}
+    lines = [{**base, "method": "kvpress:snapkv", "keep_fraction": 0.25, "stored_fraction": 0.25, "masked": False,
+              "device_bytes": 2**20},
+             {**base, "method": "kvpress:adakv+snapkv", "keep_fraction": 0.25, "stored_fraction": 1.0, "masked": True,
+              "device_bytes": 4 * 2**20}]
+    with open(run_dir / "fidelity.jsonl", "a") as handle:
+        handle.write("".join(json.dumps(line) + "\n" for line in lines))
+    text = build_report(run_dir, plots=False)
+    assert "| kvpress:snapkv (peer) | 0.25 | 0.250 | 0.1000 | 0.800 | 20.09 | 1.0 | 1 |" in text
+    assert "| kvpress:adakv+snapkv (peer, masks: frees no memory) | 0.25 | 0.250 | 0.1000 | 0.800 | 20.09 | 4.0 | 1 |" in text

@@ -128,13 +128,19 @@ def csv(text: str) -> list[str]:
 
 
 def parse_methods(text: str, flag: str = "--methods") -> list[str]:
-    """Comma list of registered method names."""
+    """Comma list of registered method names and peer methods (``kvpress:PRESS``, needs the peers extra)."""
     from heterocache.methods.base import available_methods
+    from heterocache.peers.kvpress import INSTALL_HINT, is_peer_method, kvpress_available, parse_peer_name
 
     methods = csv(text)
-    unknown = [m for m in methods if m not in available_methods()]
+    unknown = [m for m in methods if m not in available_methods() and not is_peer_method(m)]
     if unknown or not methods:
-        raise ValueError(f"{flag}: unknown method(s) {unknown}; available methods: {', '.join(available_methods())}")
+        raise ValueError(f"{flag}: unknown method(s) {unknown}; available methods: {', '.join(available_methods())}"
+                         " and the kvpress:PRESS peers (`heterocache methods` lists them)")
+    for method in filter(is_peer_method, methods):
+        parse_peer_name(method)  # ValueError listing the valid peer names
+        if not kvpress_available():
+            raise ValueError(f"{flag}: {method} is a kvpress peer method and kvpress is not installed: {INSTALL_HINT}")
     return methods
 
 
@@ -166,16 +172,21 @@ def method_options(pairs: list[str] | None, methods: list[str]) -> dict[str, dic
     """``--option`` values per selected method, each checked by ``build_method`` (unknown option,
     bad type or range: ValueError) and, for a ``profile`` path, by the file's existence."""
     from heterocache.methods.base import build_method, method_class
+    from heterocache.peers.kvpress import build_press, is_peer_method
 
     out: dict[str, dict] = {m: {} for m in methods}
     for name, value in parse_options(pairs).items():
         target, _, option = name.rpartition(".")
-        owners = [target] if target else [m for m in methods if option in method_class(m).options()]
+        ours = [m for m in methods if not is_peer_method(m)]  # a peer's options are always named METHOD.NAME
+        owners = [target] if target else [m for m in ours if option in method_class(m).options()]
         if not owners or (target and target not in methods):
             raise ValueError(f"--option {name}: no selected method ({', '.join(methods)}) takes it")
         for method in owners:
             out[method][option] = value
     for method, options in out.items():
+        if is_peer_method(method):
+            build_press(method, 0.5, **options)
+            continue
         build_method(method, **options)
         profile = options.get("profile")
         if isinstance(profile, str) and not Path(profile).expanduser().is_file():

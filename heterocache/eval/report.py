@@ -45,6 +45,7 @@ def summarize(run_dir: str | Path) -> dict:
             "keep_measured": round(mean(x["keep_fraction"] for x in lines), 4),
             "tokens_per_s": round(mean(speeds), 2) if speeds else None,
             "prefill_s": round(mean(x["prefill_s"] for x in lines), 3),
+            **_memory([x.get("cache", {}) for x in lines]),
         })
     fid_groups: dict[tuple, list[dict]] = defaultdict(list)
     for line in _latest(run_dir, FIDELITY_GLOB, fidelity_key):
@@ -58,8 +59,23 @@ def summarize(run_dir: str | Path) -> dict:
             "top1": round(sum(x["top1"] * x["tokens"] for x in lines) / tokens, 4),
             "ppl": round(math.exp(sum(x["nll"] * x["tokens"] for x in lines) / tokens), 3),
             "keep_measured": round(mean(x["keep_fraction"] for x in lines), 4),
+            **_memory(lines),
         })
     return {"tasks": tasks, "fidelity": fidelity}
+
+
+def _memory(stats: list[dict]) -> dict:
+    """Mean device MB of the cache, and whether its method masks evicted entries (memory not freed)."""
+    device = [s["device_bytes"] for s in stats if "device_bytes" in s]
+    return {"device_mb": round(mean(device) / 2**20, 2) if device else None,
+            "masked": any(bool(s.get("masked")) for s in stats)}
+
+
+def label(method: str, masked: bool = False) -> str:
+    """Method name for tables: peers (another library's method run in this harness) are marked."""
+    if not method.startswith("kvpress:"):
+        return method
+    return f"{method} (peer{', masks: frees no memory' if masked else ''})"
 
 
 def write_summary(run_dir: str | Path) -> Path:
@@ -106,18 +122,21 @@ def _score_tables(rows: list[dict]) -> list[str]:
                         counts.add(row["n"] if row else 0)
                     cells.append(f"{_fmt(score, 2)} ({_fmt(kept, 3)})" if score is not None else "-")
                 n = "/".join(str(c) for c in sorted(counts)) if counts else "-"
-                out.append(f"| {method} | {n} | " + " | ".join(cells) + " |")
+                masked = any(r.get("masked") for r in items if r["method"] == method)
+                out.append(f"| {label(method, masked)} | {n} | " + " | ".join(cells) + " |")
             out.append("")
     return out
 
 
 def _fidelity_table(rows: list[dict]) -> list[str]:
-    out = ["## Fidelity (teacher-forced, vs FullKV)", "",
-           "| method | keep | measured keep | KL | top-1 | ppl | windows |", "|---|---|---|---|---|---|---|"]
+    out = ["## Fidelity (teacher-forced, vs FullKV; the whole context compressed at prefill)", "",
+           "| method | keep | measured keep | KL | top-1 | ppl | device MB | windows |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['method']} | {r['keep']:g} | {r['keep_measured']:.3f} | {r['kl']:.4f} | "
-                   f"{r['top1']:.3f} | {r['ppl']:.2f} | {r['windows']} |")
-    return out + [""]
+        out.append(f"| {label(r['method'], r.get('masked', False))} | {r['keep']:g} | {r['keep_measured']:.3f} | "
+                   f"{r['kl']:.4f} | {r['top1']:.3f} | {r['ppl']:.2f} | {_fmt(r.get('device_mb'), 1)} | "
+                   f"{r['windows']} |")
+    return out + ["", "Peers are another library's methods run in this harness on the same tokens and reference.", ""]
 
 
 def _plots(run_dir: Path, summary: dict) -> list[str]:
@@ -134,6 +153,8 @@ def _plots(run_dir: Path, summary: dict) -> list[str]:
             points = sorted((r["keep_measured"], r[value]) for r in rows if r["method"] == method)
             if method == "full":  # one point at keep 1.0: the reference line
                 ax.axhline(points[0][1], color="gray", linestyle="--", label="full")
+            elif method.startswith("kvpress:"):  # peers: dashed, hollow markers
+                ax.plot(*zip(*points), marker="s", linestyle="--", markerfacecolor="none", label=f"{method} (peer)")
             else:
                 ax.plot(*zip(*points), marker="o", label=method)
         ax.set_xlabel("measured kept fraction")
@@ -179,7 +200,7 @@ def _niah_heatmaps(run_dir: Path, plt) -> list[str]:
         ax.set_title(f"NIAH {method} keep {keep:g}", fontsize=9)
         fig.colorbar(image)
         fig.tight_layout()
-        name = f"niah_{method}_keep{keep:g}.png"
+        name = f"niah_{method.replace(':', '_').replace('+', '_')}_keep{keep:g}.png"
         fig.savefig(run_dir / name, dpi=100)
         plt.close(fig)
         written.append(name)
