@@ -8,6 +8,8 @@ how that total is spread:
 - :func:`pyramid_budgets`: PyramidKV's arithmetic layer schedule (spec/baselines.md section 4).
 - :func:`weighted_budgets`: proportional water-filling with per-item bounds (CAKE, HeteroCache).
 - :func:`allocate`: HeteroCache's per-head budgets and full-head flags from a head profile.
+- :func:`cap_sliding`: hybrid models: sliding-window layers keep at most ``min(L, W - 1)`` entries
+  per head; what they cannot hold goes to the full-attention heads (docs/DESIGN.md s.2).
 
 All integer results are exact: rationals (:class:`fractions.Fraction`) inside, largest remainder
 rounding with ties broken by the lower index, so the same inputs always give the same budgets.
@@ -26,6 +28,8 @@ EPS = 1e-6  # stability floor of the profile weights w = M / (S + eps)
 __all__ = [
     "allocate",
     "budget_table",
+    "cap_sliding",
+    "sliding_cap",
     "pyramid_budgets",
     "split_evenly",
     "total_budget",
@@ -180,6 +184,46 @@ def weighted_budgets(
     for i in order[:left]:
         floors[i] += 1
     return floors
+
+
+def sliding_cap(prompt_len: int, window: int | None) -> int:
+    """Most prompt entries a head of a layer with sliding ``window`` can still use: ``min(L, W - 1)``.
+
+    The first decode query (position ``L``) sees keys at positions ``> L - W``: the last ``W - 1``
+    prompt tokens and itself; no later query sees more of the prompt. Full attention (None): ``L``.
+    """
+    return prompt_len if window is None else max(0, min(prompt_len, window - 1))
+
+
+def cap_sliding(budgets: Sequence[Sequence[int]], windows: Sequence[int | None], prompt_len: int) -> list[list[int]]:
+    """Cap sliding-window layers' budgets at :func:`sliding_cap`; give the excess to full-attention heads.
+
+    ``budgets [n_layers][n_kv_heads]`` from a method, ``windows [n_layers]`` (None = full attention).
+    The full-attention heads grow in proportion to their budgets, each capped at ``prompt_len``
+    (:func:`weighted_budgets` with their old budgets as minimums: exact, largest remainder), so the
+    total is unchanged unless every full-attention head reaches ``prompt_len`` or the model has no
+    full-attention layer; then the rest cannot be spent and the total is lower.
+
+    Examples
+    --------
+    >>> cap_sliding([[10, 6], [3, 1]], [8, None], prompt_len=20)
+    [[7, 6], [5, 2]]
+    """
+    out = [list(row) for row in budgets]
+    excess = 0
+    for layer, window in enumerate(windows):
+        cap = sliding_cap(prompt_len, window)
+        if window is not None:
+            excess += sum(max(0, b - cap) for b in out[layer])
+            out[layer] = [min(b, cap) for b in out[layer]]
+    full = [(layer, head) for layer, window in enumerate(windows) if window is None for head in range(len(out[layer]))]
+    if excess == 0 or not full:
+        return out
+    current = [out[layer][head] for layer, head in full]
+    grown = weighted_budgets(sum(current) + excess, current, [prompt_len] * len(full), current)
+    for (layer, head), value in zip(full, grown):
+        out[layer][head] = value
+    return out
 
 
 def budget_table(schedule: Callable[[int], list[list[int]]], prompt_lengths: torch.Tensor) -> torch.Tensor:
