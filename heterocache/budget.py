@@ -245,23 +245,29 @@ def allocate(profile, keep: float, prompt_len: int, weighting: str = "profile", 
     most stable first (volatile heads before pivots): the fewest demotions that fit. A demoted
     pivot stops monitoring; its satellites then stay static. Demotion continues while full heads
     would take more than ``max_full_share`` of the total (so compressed heads are never starved).
-    Raises ``ValueError`` only when even ``min_tokens`` per head does not fit.
+    Heads of sliding-window layers (role ``"sliding"``) are compressed heads with the mean profile
+    weight 1, capped at :func:`sliding_cap` (their floor too), so what they cannot hold goes to the
+    other compressed heads (docs/DESIGN.md s.2). Raises ``ValueError`` only when even ``min_tokens``
+    per head does not fit.
     """
     layers, heads = profile.n_layers, profile.n_kv_heads
     n = layers * heads
     total = total_budget(keep, prompt_len, layers, heads)
-    floor_tokens = min(min_tokens, prompt_len)
-    if total < n * floor_tokens:
+    windows = profile.layer_windows()
+    caps = {(layer, head): sliding_cap(prompt_len, windows[layer]) for layer in range(layers) for head in range(heads)}
+    floors = {key: min(min_tokens, cap) for key, cap in caps.items()}
+    if total < sum(floors.values()):
+        floor_tokens = min(min_tokens, prompt_len)
         raise ValueError(
             f"keep={keep} leaves {total} tokens for {n} heads; heterocache needs at least {floor_tokens} per head "
-            f"(keep >= {n * floor_tokens / (prompt_len * n):.4f} for a {prompt_len}-token prompt)"
+            f"(keep >= {sum(floors.values()) / (prompt_len * n):.4f} for a {prompt_len}-token prompt)"
         )
     records = [h for row in profile.heads for h in row]
     full = {(h.layer, h.head) for h in records if h.is_full}
     demote_order = sorted((h for h in records if h.is_full),
                           key=lambda h: (h.role == "pivot", -h.stability, h.layer, h.head))
     for h in demote_order:
-        fits = len(full) * prompt_len + (n - len(full)) * floor_tokens <= total
+        fits = len(full) * prompt_len + sum(f for key, f in floors.items() if key not in full) <= total
         if fits and len(full) * prompt_len <= max_full_share * total:
             break
         full.discard((h.layer, h.head))
@@ -270,14 +276,17 @@ def allocate(profile, keep: float, prompt_len: int, weighting: str = "profile", 
         weights = [1.0] * len(compressed)
     elif weighting == "profile":
         # profile weights are M * (1/(S+eps)) / sum(...); demoted full heads have none: give them the
-        # same formula on the same scale (the normalising constant of the profile's own weights)
+        # same formula on the same scale (the normalising constant of the profile's own weights);
+        # sliding heads are not profiled: the mean weight, 1
         scales = [h.weight * (h.stability + EPS) for h in records if h.weight is not None]
         scale = sum(scales) / len(scales) if scales else 1.0
-        weights = [h.weight if h.weight is not None else scale / (h.stability + EPS) for h in compressed]
+        weights = [h.weight if h.weight is not None else 1.0 if h.role == "sliding" else scale / (h.stability + EPS)
+                   for h in compressed]
     else:
         raise ValueError(f"weighting={weighting!r} is invalid; choose 'profile' or 'uniform'")
-    shares = weighted_budgets(total - len(full) * prompt_len, weights, [prompt_len] * len(compressed),
-                              floor_tokens) if compressed else []
+    keys = [(h.layer, h.head) for h in compressed]
+    shares = weighted_budgets(total - len(full) * prompt_len, weights, [caps[k] for k in keys],
+                              [floors[k] for k in keys]) if compressed else []
     budgets = [[prompt_len] * heads for _ in range(layers)]
     is_full = [[(layer, head) in full for head in range(heads)] for layer in range(layers)]
     for h, share in zip(compressed, shares):

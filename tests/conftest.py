@@ -64,7 +64,7 @@ def left_padded_batch(lengths: list[int], vocab: int = 128, seed: int = 1):
     return ids, mask
 
 
-WINDOW = 16  # sliding window of the hybrid tiny models: prompts in the tests are longer
+WINDOW = 8  # sliding window of the hybrid tiny models: prompts in the tests are longer
 
 
 def hybrid_model(family: str, seed: int = 0, layers: int = 4, heads: int = 8, kv_heads: int = 4,
