@@ -337,7 +337,7 @@ class HeadwiseCache(Cache):
             self.method.on_decode_step(DecodeContext(
                 layer_idx=layer.layer_idx, n_layers=self.n_layers, queries=query, layer=layer,
                 step=layer.decode_steps, scaling=scaling, keep=self.keep,
-                budget=self.budget[:, layer.layer_idx],
+                budget=self.budget[:, layer.layer_idx], window=layer.window,
             ))
         return out
 

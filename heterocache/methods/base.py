@@ -105,13 +105,15 @@ class DecodeContext:
     scaling: float
     keep: float
     budget: torch.Tensor
+    window: int | None = None  # sliding window W of this layer, None: full attention
 
     def reachable(self, positions: torch.Tensor) -> torch.Tensor:
         """Stored slots a later query can still attend to: ``positions >= 0`` and, on a sliding-window
-        layer, ``position > seen - W`` (the next query sits at position ``seen``). Same shape as ``positions``."""
+        layer, ``position > seen - W`` (the next query sits at position ``layer.seen``). Same shape as
+        ``positions``."""
         live = positions >= 0
-        if self.layer.window is not None:
-            live = live & (positions > self.layer.seen - self.layer.window)
+        if self.window is not None:
+            live = live & (positions > self.layer.seen - self.window)
         return live
 
 

@@ -87,7 +87,7 @@ class H2O(Method):
             return
         keys, _, positions, lengths = ctx.layer.padded()
         slot_valid = positions >= 0
-        probs = decode_probs(ctx.queries, keys, positions, ctx.scaling, ctx.layer.window)  # (B, Hkv, G, q, L)
+        probs = decode_probs(ctx.queries, keys, positions, ctx.scaling, ctx.window)  # (B, Hkv, G, q, L)
         scores = expand_compact(self.layer_scores[ctx.layer_idx], slot_valid) + probs.sum(3).mean(2)
         budget = ctx.budget.to(keys.device)
         live = ctx.reachable(positions)

@@ -56,6 +56,6 @@ class StreamingLLM(Method):
         _, _, positions, lengths = ctx.layer.padded()
         live = ctx.reachable(positions)
         if bool((lengths > budget).any()) or not bool(torch.equal(live, positions >= 0)):
-            sinks = 0 if ctx.layer.window is not None else self.sinks
+            sinks = 0 if ctx.window is not None else self.sinks
             mask, _ = forced_keep(live, budget, sinks, positions.shape[-1])
             ctx.layer.restrict(mask)

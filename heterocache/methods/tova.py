@@ -52,7 +52,7 @@ class TOVA(Method):
         slot_valid = ctx.reachable(positions)
         if not bool((lengths > budget).any()) and bool(torch.equal(slot_valid, positions >= 0)):
             return
-        scores = decode_probs(ctx.queries, keys, positions, ctx.scaling, ctx.layer.window)[:, :, :, -1].mean(2)
+        scores = decode_probs(ctx.queries, keys, positions, ctx.scaling, ctx.window)[:, :, :, -1].mean(2)
         # one ranking per layer: average each position's score over the KV heads that hold it
         index = positions.clamp(min=0).flatten(1)
         span = int(positions.max()) + 1

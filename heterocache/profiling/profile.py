@@ -242,6 +242,9 @@ def _validate(profile: HeadProfile, source: str) -> None:
                          f"layers x {model['n_kv_heads']} KV heads")
     types = model.get("layer_types")
     if profile.format == FORMAT_HYBRID:
+        if types is None:
+            raise ValueError(f"{source}: unsupported profile format {profile.format!r} without model.layer_types "
+                             "(format 2 records the layer types of hybrid models)")
         if not isinstance(types, list) or len(types) != model["n_layers"] or not set(types) <= {FULL, SLIDING}:
             raise ValueError(f"{source}: model.layer_types must list {FULL!r} or {SLIDING!r} for each of the "
                              f"{model['n_layers']} layers, got {types!r}")
