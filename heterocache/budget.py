@@ -8,6 +8,8 @@ how that total is spread:
 - :func:`pyramid_budgets`: PyramidKV's arithmetic layer schedule (spec/baselines.md section 4).
 - :func:`weighted_budgets`: proportional water-filling with per-item bounds (CAKE, HeteroCache).
 - :func:`allocate`: HeteroCache's per-head budgets and full-head flags from a head profile.
+- :func:`cap_sliding`: hybrid models: sliding-window layers keep at most ``min(L, W - 1)`` entries
+  per head; what they cannot hold goes to the full-attention heads (docs/DESIGN.md s.2).
 
 All integer results are exact: rationals (:class:`fractions.Fraction`) inside, largest remainder
 rounding with ties broken by the lower index, so the same inputs always give the same budgets.
@@ -26,6 +28,8 @@ EPS = 1e-6  # stability floor of the profile weights w = M / (S + eps)
 __all__ = [
     "allocate",
     "budget_table",
+    "cap_sliding",
+    "sliding_cap",
     "pyramid_budgets",
     "split_evenly",
     "total_budget",
@@ -182,6 +186,46 @@ def weighted_budgets(
     return floors
 
 
+def sliding_cap(prompt_len: int, window: int | None) -> int:
+    """Most prompt entries a head of a layer with sliding ``window`` can still use: ``min(L, W - 1)``.
+
+    The first decode query (position ``L``) sees keys at positions ``> L - W``: the last ``W - 1``
+    prompt tokens and itself; no later query sees more of the prompt. Full attention (None): ``L``.
+    """
+    return prompt_len if window is None else max(0, min(prompt_len, window - 1))
+
+
+def cap_sliding(budgets: Sequence[Sequence[int]], windows: Sequence[int | None], prompt_len: int) -> list[list[int]]:
+    """Cap sliding-window layers' budgets at :func:`sliding_cap`; give the excess to full-attention heads.
+
+    ``budgets [n_layers][n_kv_heads]`` from a method, ``windows [n_layers]`` (None = full attention).
+    The full-attention heads grow in proportion to their budgets, each capped at ``prompt_len``
+    (:func:`weighted_budgets` with their old budgets as minimums: exact, largest remainder), so the
+    total is unchanged unless every full-attention head reaches ``prompt_len`` or the model has no
+    full-attention layer; then the rest cannot be spent and the total is lower.
+
+    Examples
+    --------
+    >>> cap_sliding([[10, 6], [3, 1]], [8, None], prompt_len=20)
+    [[7, 6], [5, 2]]
+    """
+    out = [list(row) for row in budgets]
+    excess = 0
+    for layer, window in enumerate(windows):
+        cap = sliding_cap(prompt_len, window)
+        if window is not None:
+            excess += sum(max(0, b - cap) for b in out[layer])
+            out[layer] = [min(b, cap) for b in out[layer]]
+    full = [(layer, head) for layer, window in enumerate(windows) if window is None for head in range(len(out[layer]))]
+    if excess == 0 or not full:
+        return out
+    current = [out[layer][head] for layer, head in full]
+    grown = weighted_budgets(sum(current) + excess, current, [prompt_len] * len(full), current)
+    for (layer, head), value in zip(full, grown):
+        out[layer][head] = value
+    return out
+
+
 def budget_table(schedule: Callable[[int], list[list[int]]], prompt_lengths: torch.Tensor) -> torch.Tensor:
     """Stack ``schedule(L_b)`` for each batch row: ``LongTensor (B, n_layers, n_kv_heads)`` on the lengths' device.
 
@@ -201,23 +245,29 @@ def allocate(profile, keep: float, prompt_len: int, weighting: str = "profile", 
     most stable first (volatile heads before pivots): the fewest demotions that fit. A demoted
     pivot stops monitoring; its satellites then stay static. Demotion continues while full heads
     would take more than ``max_full_share`` of the total (so compressed heads are never starved).
-    Raises ``ValueError`` only when even ``min_tokens`` per head does not fit.
+    Heads of sliding-window layers (role ``"sliding"``) are compressed heads with the mean profile
+    weight 1, capped at :func:`sliding_cap` (their floor too), so what they cannot hold goes to the
+    other compressed heads (docs/DESIGN.md s.2). Raises ``ValueError`` only when even ``min_tokens``
+    per head does not fit.
     """
     layers, heads = profile.n_layers, profile.n_kv_heads
     n = layers * heads
     total = total_budget(keep, prompt_len, layers, heads)
-    floor_tokens = min(min_tokens, prompt_len)
-    if total < n * floor_tokens:
+    windows = profile.layer_windows()
+    caps = {(layer, head): sliding_cap(prompt_len, windows[layer]) for layer in range(layers) for head in range(heads)}
+    floors = {key: min(min_tokens, cap) for key, cap in caps.items()}
+    if total < sum(floors.values()):
+        floor_tokens = min(min_tokens, prompt_len)
         raise ValueError(
             f"keep={keep} leaves {total} tokens for {n} heads; heterocache needs at least {floor_tokens} per head "
-            f"(keep >= {n * floor_tokens / (prompt_len * n):.4f} for a {prompt_len}-token prompt)"
+            f"(keep >= {sum(floors.values()) / (prompt_len * n):.4f} for a {prompt_len}-token prompt)"
         )
     records = [h for row in profile.heads for h in row]
     full = {(h.layer, h.head) for h in records if h.is_full}
     demote_order = sorted((h for h in records if h.is_full),
                           key=lambda h: (h.role == "pivot", -h.stability, h.layer, h.head))
     for h in demote_order:
-        fits = len(full) * prompt_len + (n - len(full)) * floor_tokens <= total
+        fits = len(full) * prompt_len + sum(f for key, f in floors.items() if key not in full) <= total
         if fits and len(full) * prompt_len <= max_full_share * total:
             break
         full.discard((h.layer, h.head))
@@ -226,14 +276,17 @@ def allocate(profile, keep: float, prompt_len: int, weighting: str = "profile", 
         weights = [1.0] * len(compressed)
     elif weighting == "profile":
         # profile weights are M * (1/(S+eps)) / sum(...); demoted full heads have none: give them the
-        # same formula on the same scale (the normalising constant of the profile's own weights)
+        # same formula on the same scale (the normalising constant of the profile's own weights);
+        # sliding heads are not profiled: the mean weight, 1
         scales = [h.weight * (h.stability + EPS) for h in records if h.weight is not None]
         scale = sum(scales) / len(scales) if scales else 1.0
-        weights = [h.weight if h.weight is not None else scale / (h.stability + EPS) for h in compressed]
+        weights = [h.weight if h.weight is not None else 1.0 if h.role == "sliding" else scale / (h.stability + EPS)
+                   for h in compressed]
     else:
         raise ValueError(f"weighting={weighting!r} is invalid; choose 'profile' or 'uniform'")
-    shares = weighted_budgets(total - len(full) * prompt_len, weights, [prompt_len] * len(compressed),
-                              floor_tokens) if compressed else []
+    keys = [(h.layer, h.head) for h in compressed]
+    shares = weighted_budgets(total - len(full) * prompt_len, weights, [caps[k] for k in keys],
+                              [floors[k] for k in keys]) if compressed else []
     budgets = [[prompt_len] * heads for _ in range(layers)]
     is_full = [[(layer, head) in full for head in range(heads)] for layer in range(layers)]
     for h, share in zip(compressed, shares):

@@ -5,7 +5,9 @@ Storage per layer: *buckets* of sequences with similar lengths (``attention.ragg
 bucket holds ``keys``/``values (n, capacity, D)``, ``positions (n, capacity)`` and ``lengths (n,)``;
 sequence id ``s = b * Hkv + h``. Appends write in place and grow the capacity geometrically
 (amortised O(1)). Dropped tokens are never stored: the prefill keeps gathered copies only, so
-device bytes fall with ``keep``.
+device bytes fall with ``keep``. Sliding-window layers (``window`` = W) store rings: at most
+``W - 1 + q`` slots per head for ``q``-token forwards (``W`` in decode), new tokens overwrite the
+oldest ones (docs/DESIGN.md s.2-3).
 
 The step protocol (docs/DESIGN.md s.3) lives in :meth:`HeadwiseCache.compress` (end of a layer's
 prefill) and :meth:`HeadwiseCache.decode` (one decode attention); ``hf.py`` only routes the model's
@@ -21,8 +23,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from heterocache.attention import decode_attention, plan_buckets
-from heterocache.attention.ragged import MIN_HEADROOM, Bucket, round_page
-from heterocache.budget import budget_table
+from heterocache.attention.ragged import MIN_HEADROOM, Bucket, ring_write, round_page
+from heterocache.budget import budget_table, cap_sliding, sliding_cap
 from heterocache.methods.base import DecodeContext, PrefillContext
 
 
@@ -51,13 +53,14 @@ def _query_length(cache_position_or_length: torch.Tensor | int) -> int:
 class HeadwiseLayer(CacheLayerMixin):
     """One decoder layer's head-wise storage."""
 
-    is_sliding = False
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, cache: HeadwiseCache, layer_idx: int):
+    def __init__(self, cache: HeadwiseCache, layer_idx: int, window: int | None = None):
         super().__init__()
         self.cache, self.layer_idx = cache, layer_idx
+        self.window = window  # sliding window W of the layer's attention, None: full attention
+        self.is_sliding = window is not None
         self.buckets: list[Bucket] = []
         self.seen = 0
         self.prefill_len = 0
@@ -157,6 +160,8 @@ class HeadwiseLayer(CacheLayerMixin):
             max_len = max(count_list[i] for i in members)
             room = headroom if headroom is not None else max(MIN_HEADROOM, max_len // 16)
             cap = round_page(max_len + room)
+            if self.window is not None:  # a ring never needs more than W slots in decode
+                cap = max(max_len, min(cap, self.window))
             idx = order[seq, :max_len]
             bk = flat_k.new_zeros((len(members), cap, d))
             bv = flat_v.new_zeros((len(members), cap, d))
@@ -166,8 +171,9 @@ class HeadwiseLayer(CacheLayerMixin):
                 bv[:, :max_len] = torch.gather(flat_v[seq], 1, idx[..., None].expand(-1, -1, d))
                 bp[:, :max_len] = torch.gather(flat_p[seq], 1, idx)
             lens = counts[seq]
+            bp[torch.arange(cap, device=keys.device)[None, :] >= lens[:, None]] = -1  # empty slots
             uniform = len({count_list[i] for i in members}) == 1
-            bucket = Bucket(seq, bk, bv, bp, lens, max_len, uniform, len(members) == b * h)
+            bucket = Bucket(seq, bk, bv, bp, lens, max_len, uniform, len(members) == b * h, self.window)
             for row, member in enumerate(members):
                 self.locate[member] = (len(self.buckets), row)
             self.buckets.append(bucket)
@@ -182,6 +188,9 @@ class HeadwiseLayer(CacheLayerMixin):
             bucket.reserve(q)
             k = flat_k if bucket.is_identity else flat_k[bucket.seq]
             v = flat_v if bucket.is_identity else flat_v[bucket.seq]
+            if bucket.window is not None:
+                ring_write(bucket, k, v, new_pos)
+                continue
             if bucket.uniform:
                 start = bucket.max_len
                 bucket.keys[:, start:start + q] = k
@@ -200,7 +209,7 @@ class HeadwiseLayer(CacheLayerMixin):
         """All sequences as padded tensors (the reference view used by methods and tests).
 
         Returns ``keys, values (B, Hkv, L, D)``, ``positions (B, Hkv, L)`` (-1 on padding) and
-        ``lengths (B, Hkv)``; entries are in ascending position order.
+        ``lengths (B, Hkv)``; entries are in ascending position order (ring slots are sorted).
         """
         b, h, d = self.batch, self.n_kv_heads, self.head_dim
         length = max((bk.max_len for bk in self.buckets), default=0)
@@ -211,9 +220,15 @@ class HeadwiseLayer(CacheLayerMixin):
         for bk in self.buckets:
             n = bk.max_len
             live = torch.arange(n, device=self.device)[None, :] < bk.lengths[:, None]
-            keys[bk.seq, :n] = bk.keys[:, :n] * live[..., None]
-            values[bk.seq, :n] = bk.values[:, :n] * live[..., None]
-            positions[bk.seq, :n] = torch.where(live, bk.positions[:, :n], -1)
+            bk_keys, bk_values, bk_pos = bk.keys[:, :n], bk.values[:, :n], bk.positions[:, :n]
+            if bk.window is not None:  # ring slots: live entries by position, empty slots last
+                order = torch.where(live, bk_pos, torch.iinfo(torch.long).max).argsort(dim=-1)
+                bk_keys = bk_keys.gather(1, order[..., None].expand(-1, -1, d))
+                bk_values = bk_values.gather(1, order[..., None].expand(-1, -1, d))
+                bk_pos = bk_pos.gather(1, order)
+            keys[bk.seq, :n] = bk_keys * live[..., None]
+            values[bk.seq, :n] = bk_values * live[..., None]
+            positions[bk.seq, :n] = torch.where(live, bk_pos, -1)
             lengths[bk.seq] = bk.lengths
         return (keys.view(b, h, length, d), values.view(b, h, length, d),
                 positions.view(b, h, length), lengths.view(b, h))
@@ -273,8 +288,11 @@ class HeadwiseCache(Cache):
 
     def __init__(self, method, keep: float, n_layers: int, n_kv_heads: int, head_dim: int,
                  bucket_options: dict[str, int] | None = None, geometry: dict[str, int] | None = None,
-                 attention_backend: str = "sdpa", model_config: Any = None):
+                 attention_backend: str = "sdpa", model_config: Any = None,
+                 layer_windows: list[int | None] | None = None):
         self.method, self.keep = method, keep
+        # per layer: sliding window W (the layer stores a ring, budgets capped at min(T, W - 1)) or None
+        self.layer_windows = list(layer_windows) if layer_windows is not None else [None] * n_layers
         self.model_geometry = geometry or {}
         self.model_config = model_config  # checked once per layer at first update
         self.attention_backend = attention_backend  # "sdpa" or "triton" (resolved by make_cache)
@@ -282,7 +300,7 @@ class HeadwiseCache(Cache):
         self.bucket_options = bucket_options or {}
         self.prompt_lengths: torch.Tensor | None = None
         self.budget: torch.Tensor | None = None  # (B, n_layers, Hkv) kept prompt tokens, set at prefill
-        super().__init__(layers=[HeadwiseLayer(self, i) for i in range(n_layers)])
+        super().__init__(layers=[HeadwiseLayer(self, i, self.layer_windows[i]) for i in range(n_layers)])
         method.setup(self)
 
     # --- the step protocol --------------------------------------------------------------------
@@ -291,16 +309,21 @@ class HeadwiseCache(Cache):
         """End of ``layer``'s prefill: the method selects, the layer stores only the kept tokens.
 
         ``query (B, Hq, T, D)``, ``keys/values (B, Hkv, T, D)``, ``valid (B, T)`` (False on padding).
+        On a sliding-window layer the method sees ``valid`` False also on the prompt tokens no later
+        query can attend to (all but the last ``W - 1`` slots), so it never scores or keeps them.
         """
         b, h, length, _ = keys.shape
         if self.budget is None:
             self.prompt_lengths = valid.sum(-1)
             self.budget = self._budget_table(self.prompt_lengths).to(keys.device)
         layer.prefill_len = length
+        if layer.window is not None:
+            valid = valid & (torch.arange(length, device=valid.device) > length - layer.window)[None, :]
         ctx = PrefillContext(
             layer_idx=layer.layer_idx, n_layers=self.n_layers, queries=query, keys=keys, values=values,
             valid=valid, prompt_lengths=self.prompt_lengths, scaling=scaling, keep=self.keep,
             budget=self.budget[:, layer.layer_idx], layers=self.layers, module=module,
+            window=layer.window, layer_windows=self.layer_windows,
         )
         keep = self.method.select(ctx)
         if keep.shape != (b, h, length) or keep.dtype != torch.bool:
@@ -311,29 +334,33 @@ class HeadwiseCache(Cache):
         positions = torch.arange(length, device=keys.device).expand(b, h, length)
         layer.store(keys, values, positions, keep & valid[:, None, :])
 
-    def decode(self, layer: HeadwiseLayer, query: torch.Tensor, scaling: float,
-               sliding_window: int | None = None) -> torch.Tensor:
+    def decode(self, layer: HeadwiseLayer, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """One decode attention of ``layer`` (its new tokens already appended): ``query (B, Hq, q, D)``
-        -> ``(B, q, Hq, D)``. The method's hooks run before and after, except at ``keep=1.0``."""
+        -> ``(B, q, Hq, D)``. The method's hooks run before and after, except at ``keep=1.0``.
+        Sliding-window layers attend through their rings' position masks (``layer.window``)."""
         hooks = self.keep < 1.0  # keep=1.0 is FullKV, during decode too
         if hooks:
             self.method.before_decode_attention(layer)
-        min_position = layer.seen - sliding_window if sliding_window and layer.seen > sliding_window else None
-        out = decode_attention(query, layer.buckets, layer.n_kv_heads, scaling, self.attention_backend, min_position)
+        first_query = layer.seen - query.shape[2]
+        out = decode_attention(query, layer.buckets, layer.n_kv_heads, scaling, self.attention_backend, first_query)
         layer.decode_steps += 1
         if hooks:
             self.method.on_decode_step(DecodeContext(
                 layer_idx=layer.layer_idx, n_layers=self.n_layers, queries=query, layer=layer,
                 step=layer.decode_steps, scaling=scaling, keep=self.keep,
-                budget=self.budget[:, layer.layer_idx],
+                budget=self.budget[:, layer.layer_idx], window=layer.window,
             ))
         return out
 
     def _budget_table(self, prompt_lengths: torch.Tensor) -> torch.Tensor:
-        """``(B, n_layers, Hkv)`` budgets from the method; every head keeps at least one prompt token."""
-        table = budget_table(lambda n: self.method.budgets(self.keep, n, self.n_layers, self.n_kv_heads),
-                             prompt_lengths.cpu())
-        starved = (table == 0) & (prompt_lengths.cpu()[:, None, None] > 0)
+        """``(B, n_layers, Hkv)`` budgets from the method, sliding layers capped at ``min(T, W - 1)`` with
+        the excess moved to full-attention heads (:func:`heterocache.budget.cap_sliding`); every head
+        that can use a prompt token keeps at least one."""
+        windows = self.layer_windows
+        table = budget_table(lambda n: cap_sliding(self.method.budgets(self.keep, n, self.n_layers, self.n_kv_heads),
+                                                   windows, n), prompt_lengths.cpu())
+        caps = torch.tensor([[sliding_cap(int(n), w) for w in windows] for n in prompt_lengths.tolist()])
+        starved = (table == 0) & (caps[:, :, None] > 0)
         if bool(starved.any()):
             row = int(starved.any(-1).any(-1).nonzero()[0])
             length = int(prompt_lengths[row])
@@ -343,6 +370,23 @@ class HeadwiseCache(Cache):
                 f"prompt; raise keep (at least ~{1 / length:.3g} for this prompt) or shorten the model's budget split"
             )
         return table
+
+    def _stats_by_layer_type(self) -> dict[str, Any]:
+        """Kept fraction and device bytes of full-attention and sliding-window layers (None: no such layer).
+
+        Full layers: kept prompt entries / ``sum_b T_b * n_full_layers * Hkv``. Sliding layers: kept
+        prompt entries / the prompt entries they can still use, ``sum_b min(T_b, W - 1) * Hkv`` per
+        layer (1.0 = everything a ``DynamicCache`` keeps there); ring overwrites during decode lower it.
+        """
+        lengths = self.prompt_lengths.tolist() if self.prompt_lengths is not None else []
+        out: dict[str, Any] = {}
+        for kind, sliding in (("full", False), ("sliding", True)):
+            members = [layer for layer in self.layers if layer.is_sliding == sliding]
+            reachable = sum(sliding_cap(n, layer.window) for layer in members for n in lengths) * self.n_kv_heads
+            kept = sum(int(layer.kept_prompt_tokens().sum()) for layer in members if layer.buckets)
+            out[f"keep_fraction_{kind}_layers"] = (kept / reachable if reachable else 1.0) if members else None
+            out[f"device_bytes_{kind}_layers"] = sum(layer.nbytes() for layer in members)
+        return out
 
     # --- lifecycle ----------------------------------------------------------------------------
     def reset(self) -> None:
@@ -375,6 +419,7 @@ class HeadwiseCache(Cache):
             "host_bytes": 0,
             "disk_bytes": 0,
             "buckets_per_layer": max((len(layer.buckets) for layer in layers), default=0),
+            **self._stats_by_layer_type(),
         }
         for name, value in self.method.stats().items():
             out[name] = out[name] + value if name in ("device_bytes", "host_bytes", "disk_bytes") else value

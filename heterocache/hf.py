@@ -23,7 +23,7 @@ from heterocache.attention import BACKENDS
 from heterocache.budget import validate_keep
 from heterocache.cache import HeadwiseCache, PendingKV
 from heterocache.methods.base import build_method
-from heterocache.models import model_geometry
+from heterocache.models import effective_window, layer_windows, model_geometry
 
 NAME = "heterocache"
 
@@ -52,13 +52,24 @@ def headwise_attention(module, query, key, value, attention_mask, dropout=0.0, s
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     if key.prefill:
+        _check_window(layer, kwargs.get("sliding_window"))
         out, _ = sdpa_attention_forward(module, query, key.keys, key.values, attention_mask,
                                         scaling=scaling, dropout=dropout, **kwargs)
         b, _, length, _ = key.keys.shape
         valid = valid_from_mask(attention_mask, b, length, key.keys.device)
         layer.cache.compress(layer, module, query, key.keys, key.values, valid, scaling)
         return out, None
-    return layer.cache.decode(layer, query, scaling, kwargs.get("sliding_window")), None
+    return layer.cache.decode(layer, query, scaling), None
+
+
+def _check_window(layer, sliding_window: int | None) -> None:
+    """The layer's attention must slide exactly as the cache assumed when it sized rings and budgets."""
+    if effective_window(sliding_window, layer.cache.model_geometry.get("max_positions", 0)) != layer.window:
+        raise RuntimeError(
+            f"layer {layer.layer_idx} attends with sliding_window={sliding_window!r} but the cache was built "
+            f"for {layer.window!r} (read from config.layer_types / config.sliding_window); rebuild the cache "
+            "with hc.make_cache after changing the config"
+        )
 
 
 @functools.cache
@@ -131,5 +142,5 @@ def make_cache(model, method: str = "full", keep: float = 1.0, *, attention_back
     return HeadwiseCache(
         instance, keep, geometry["n_layers"], geometry["n_kv_heads"], geometry["head_dim"],
         bucket_options={"max_buckets": max_buckets, "overhead": bucket_overhead}, geometry=geometry,
-        attention_backend=attention_backend, model_config=model.config,
+        attention_backend=attention_backend, model_config=model.config, layer_windows=layer_windows(model),
     )

@@ -159,13 +159,41 @@ def load_model(name_or_path: str | None = None, device: str | torch.device | Non
 
 
 def model_geometry(model) -> dict[str, int]:
-    """Layers, query heads, KV heads and head dim of a decoder."""
+    """Layers, query heads, KV heads and head dim of a decoder (sliding windows: :func:`layer_windows`)."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     n_heads = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
     return {"n_layers": config.num_hidden_layers, "n_heads": n_heads, "n_kv_heads": n_kv,
             "head_dim": head_dim, "max_positions": getattr(config, "max_position_embeddings", 0) or 0}
+
+
+def layer_windows(model) -> list[int | None]:
+    """Sliding window ``W`` per layer (its query at position ``p`` sees keys ``p - W < k <= p``), None
+    for a full-attention layer, read as transformers' attention modules read it.
+
+    ``config.layer_types`` (``"sliding_attention"`` / ``"full_attention"``; Gemma-2/3, Qwen2 with
+    ``use_sliding_window`` + ``max_window_layers``, gpt-oss) when the config has it; otherwise every
+    layer slides when ``config.sliding_window`` is set (Mistral, whose attention passes it to all layers).
+    A window of at least ``max_position_embeddings`` never drops a key: such layers count as full
+    attention (:func:`effective_window`).
+    """
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n_layers = config.num_hidden_layers
+    window = effective_window(getattr(config, "sliding_window", None), model_geometry(model)["max_positions"])
+    types = getattr(config, "layer_types", None)
+    if not window:
+        return [None] * n_layers
+    if types is None:
+        return [int(window)] * n_layers
+    return [int(window) if kind == "sliding_attention" else None for kind in types]
+
+
+def effective_window(window: int | None, max_positions: int) -> int | None:
+    """``window``, or None when it cannot drop a key within the model's context (``window >= max_positions``)."""
+    if not window or (max_positions and window >= max_positions):
+        return None
+    return int(window)
 
 
 def is_embedded(model) -> bool:

@@ -62,3 +62,39 @@ def left_padded_batch(lengths: list[int], vocab: int = 128, seed: int = 1):
         ids[row, width - n:] = torch.randint(3, vocab, (n,), generator=gen)
         mask[row, width - n:] = 1
     return ids, mask
+
+
+WINDOW = 8  # sliding window of the hybrid tiny models: prompts in the tests are longer
+
+
+def hybrid_model(family: str, seed: int = 0, layers: int = 4, heads: int = 8, kv_heads: int = 4,
+                 head_dim: int = 16, vocab: int = 128, window: int = WINDOW, max_positions: int = 1024):
+    """A tiny random decoder with sliding-window layers (eval mode, fp32, sdpa).
+
+    ``"gemma3"``: Gemma-3 style alternation (sliding, full, sliding, full); ``"mistral-sliding"``:
+    every layer slides (Mistral's ``sliding_window``); ``"qwen2-hybrid"``: Qwen2 with
+    ``use_sliding_window`` and ``max_window_layers=2`` (the upper layers slide).
+    """
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    common = dict(vocab_size=vocab, hidden_size=heads * head_dim, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                  intermediate_size=2 * heads * head_dim, max_position_embeddings=max_positions,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=window)
+    torch.manual_seed(seed)
+    if family == "gemma3":
+        types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+        model = Gemma3ForCausalLM(Gemma3TextConfig(layer_types=types, query_pre_attn_scalar=head_dim, **common))
+    elif family == "mistral-sliding":
+        model = MistralForCausalLM(MistralConfig(**common))
+    elif family == "qwen2-hybrid":
+        model = Qwen2ForCausalLM(Qwen2Config(use_sliding_window=True, max_window_layers=layers // 2, **common))
+    else:
+        raise ValueError(f"unknown hybrid family {family!r}")
+    model = model.eval()
+    model.set_attn_implementation("sdpa")
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+HYBRID_FAMILIES = ("gemma3", "mistral-sliding", "qwen2-hybrid")

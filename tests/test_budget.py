@@ -10,7 +10,9 @@ import torch
 
 from heterocache.budget import (
     budget_table,
+    cap_sliding,
     pyramid_budgets,
+    sliding_cap,
     split_evenly,
     total_budget,
     uniform_budgets,
@@ -159,3 +161,41 @@ def test_split_evenly_and_budget_table():
     assert table.shape == (3, 4, 2) and table.dtype == torch.long
     assert table[1].sum() == total_budget(0.5, 84, 4, 2)
     torch.testing.assert_close(table[0], table[2])
+
+
+def test_sliding_cap_is_the_last_window_minus_one_tokens():
+    assert sliding_cap(53, None) == 53
+    assert sliding_cap(53, 8) == 7  # the first decode query (position 53) sees 46..53: 7 prompt tokens
+    assert sliding_cap(5, 8) == 5
+    assert sliding_cap(53, 1) == 0
+
+
+def test_cap_sliding_by_hand():
+    # layer 0 slides (cap 7): 10 -> 7 frees 3; full heads 3 and 1 grow in proportion: 7 * 3/4 = 5.25,
+    # 7 * 1/4 = 1.75 -> floors 5, 1, the remaining token to the larger remainder (1.75)
+    assert cap_sliding([[10, 6], [3, 1]], [8, None], prompt_len=20) == [[7, 6], [5, 2]]
+    # a full head already at the prompt length takes nothing; the other gets all of the excess
+    assert cap_sliding([[10, 9], [20, 4]], [8, None], prompt_len=20) == [[7, 7], [20, 9]]
+    # every full head saturated: the excess cannot be spent, the total falls
+    assert cap_sliding([[10, 6], [19, 20]], [8, None], prompt_len=20) == [[7, 6], [20, 20]]
+    # all layers slide (Mistral): no full-attention head to receive it
+    assert cap_sliding([[10, 6], [3, 1]], [8, 8], prompt_len=20) == [[7, 6], [3, 1]]
+    # nothing above the cap: unchanged
+    assert cap_sliding([[5, 6], [3, 1]], [8, None], prompt_len=20) == [[5, 6], [3, 1]]
+
+
+@pytest.mark.parametrize("keep", KEEPS)
+@pytest.mark.parametrize("windows", [[4, None, 4, None], [None, None, 16, 16], [8, 8, 8, 8], [2, None, 200, None]])
+def test_cap_sliding_keeps_the_total_when_it_can(keep, windows):
+    prompt_len, n_kv = 97, 3
+    for budgets in (uniform_budgets(keep, prompt_len, 4, n_kv), pyramid_budgets(keep, prompt_len, 4, n_kv, 8)):
+        capped = cap_sliding(budgets, windows, prompt_len)
+        caps = [sliding_cap(prompt_len, w) for w in windows]
+        for layer, row in enumerate(capped):
+            assert all(0 <= b <= caps[layer] for b in row)
+            if windows[layer] is None:  # full-attention heads only grow
+                assert all(b >= old for b, old in zip(row, budgets[layer]))
+        total = sum(map(sum, budgets))
+        full_room = sum(caps[layer] * n_kv for layer, w in enumerate(windows) if w is None)
+        kept_sliding = sum(sum(row) for layer, row in enumerate(capped) if windows[layer] is not None)
+        assert sum(map(sum, capped)) == min(total, full_room + kept_sliding)

@@ -11,12 +11,13 @@ import functools
 
 import pytest
 import torch
-from conftest import FAMILIES, left_padded_batch, tiny_model
+from conftest import FAMILIES, HYBRID_FAMILIES, WINDOW, hybrid_model, left_padded_batch, tiny_model
 from transformers import DynamicCache
 
 import heterocache as hc
-from heterocache.budget import total_budget
+from heterocache.budget import sliding_cap, total_budget
 from heterocache.hf import cache_kwargs
+from heterocache.models import layer_windows
 
 LENGTHS = [53, 30]  # odd prompt length, left padding in row 1
 NEW_TOKENS = 4
@@ -111,3 +112,65 @@ def test_decode_options_on_real_cache(method, options):
         assert stored.tolist() == expected
     else:
         assert (stored - n_layers * n_kv * (NEW_TOKENS - 1)).tolist() == expected
+
+
+# --- hybrid families: sliding-window layers next to (or instead of) full-attention layers -----------------
+HYBRID_CASES = [(m, k) for m in METHODS for k in (1.0, 0.5, 0.25) if m != "full" or k == 1.0]
+
+
+@functools.cache
+def _hybrid_model(family: str):
+    return hybrid_model(family, layers=4, heads=8, kv_heads=4)
+
+
+@functools.cache
+def _hybrid_profile(family: str) -> hc.HeadProfile:
+    ids = torch.randint(3, 128, (1, 96), generator=torch.Generator().manual_seed(11))
+    return hc.profile_heads(_hybrid_model(family), input_ids=ids, max_new_tokens=6, topk=16, cache_dir=False,
+                            progress=False, stable_threshold=0.0, sim_threshold=0.0)
+
+
+@functools.cache
+def _hybrid_reference(family: str) -> torch.Tensor:
+    model = _hybrid_model(family)
+    ids, mask = left_padded_batch(LENGTHS)
+    model.set_attn_implementation("sdpa")
+    return _generate(model, ids, mask, DynamicCache(config=model.config))
+
+
+@pytest.mark.parametrize("method,keep", HYBRID_CASES)
+@pytest.mark.parametrize("family", HYBRID_FAMILIES)
+def test_hybrid_method_matrix(family, method, keep):
+    """docs/DESIGN.md s.2 on hybrid models: per row the kept prompt entries are
+    ``min(round(keep * T * L * H), what the layers can use)`` with sliding heads at most ``min(T, W - 1)``
+    reachable tokens; rings never exceed W entries per head during decode."""
+    model = _hybrid_model(family)
+    ids, mask = left_padded_batch(LENGTHS)
+    options = {"profile": _hybrid_profile(family), "steps": 1, "retrieval": "sync", "sinks": 0, "window": 4} \
+        if method == "heterocache" else {}
+    windows = layer_windows(model)
+    n_layers, n_kv = len(windows), model.config.num_key_value_heads
+    prompt_len = ids.shape[1]
+
+    prefill = hc.make_cache(model, method, keep, **options)
+    with torch.no_grad():  # one new token: the prefill only, before any ring overwrite
+        model.generate(ids, attention_mask=mask, **cache_kwargs(prefill, model), max_new_tokens=1, do_sample=False)
+    capacity = [n_kv * sum(sliding_cap(n, w) for w in windows) for n in LENGTHS]
+    expected = [min(total_budget(keep, n, n_layers, n_kv), c) for n, c in zip(LENGTHS, capacity)]
+    kept = torch.stack([layer.kept_prompt_tokens() for layer in prefill.layers])  # (layers, B, Hkv)
+    assert kept.sum(dim=(0, 2)).tolist() == expected
+    for layer, window in zip(prefill.layers, windows):
+        positions = layer.padded()[2]
+        assert not ((positions >= 0) & (positions < prompt_len - LENGTHS[1]))[1].any()  # no padding
+        if window is not None:  # only tokens a later query can see
+            assert not ((positions >= 0) & (positions <= prompt_len - window)).any()
+            assert bool((layer.kept_prompt_tokens() <= WINDOW - 1).all())
+
+    cache = hc.make_cache(model, method, keep, **options)
+    out = _generate(model, ids, mask, cache)
+    if keep == 1.0:
+        assert torch.equal(out, _hybrid_reference(family))
+    for layer in cache.layers:
+        if layer.window is not None:
+            assert int(layer.padded()[3].max()) <= WINDOW
+            assert all(bk.capacity <= WINDOW for bk in layer.buckets)

@@ -7,6 +7,7 @@ import torch
 from conftest import left_padded_batch, tiny_model
 
 import heterocache as hc
+from heterocache.hf import cache_kwargs
 from heterocache.methods.heterocache.tiers import make_tier
 from heterocache.models import load_model
 
@@ -65,7 +66,7 @@ def test_keep_that_leaves_a_head_without_tokens_is_an_error(model):
     cache = hc.make_cache(model, "snapkv", 0.01)
     with pytest.raises(ValueError, match=r"keep=0.01 leaves 3 of the 4 \(layer, KV head\) pairs"):
         with torch.no_grad():
-            model(ids, attention_mask=mask, past_key_values=cache)
+            model(ids, attention_mask=mask, **cache_kwargs(cache, model))
 
 
 def test_offload_none_is_a_device_tier_never_pinned():

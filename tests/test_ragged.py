@@ -93,3 +93,71 @@ def test_append_is_amortised():
             capacity = bucket.capacity
     assert int(bucket.lengths[0]) == 1004
     assert reallocations <= 20  # geometric growth: O(log n), not one per append
+
+
+def _ring_layer(lengths, window, prompt_len=40, d=8, seed=0):
+    """A sliding-window HeadwiseLayer whose (b, h) keeps ``lengths[b][h]`` of its last ``window - 1``
+    prompt tokens, plus the full history ``{(b, h): [(position, key, value)]}`` of what it stored."""
+    gen = torch.Generator().manual_seed(seed)
+    b, h = len(lengths), len(lengths[0])
+    cache = HeadwiseCache(Full(), 1.0, n_layers=1, n_kv_heads=h, head_dim=d, layer_windows=[window],
+                          bucket_options={"max_buckets": 2, "overhead": 4})
+    keys = torch.randn((b, h, prompt_len, d), generator=gen)
+    values = torch.randn((b, h, prompt_len, d), generator=gen)
+    keep = torch.zeros((b, h, prompt_len), dtype=torch.bool)
+    history = {}
+    for row in range(b):
+        for head in range(h):
+            reach = torch.arange(prompt_len - window + 1, prompt_len)
+            chosen = reach[torch.randperm(len(reach), generator=gen)[: lengths[row][head]]]
+            keep[row, head, chosen] = True
+            history[(row, head)] = [(int(p), keys[row, head, p], values[row, head, p]) for p in sorted(chosen.tolist())]
+    layer = cache.layers[0]
+    layer.store(keys, values, torch.arange(prompt_len).expand(b, h, prompt_len), keep)
+    layer.seen = layer.prefill_len = prompt_len
+    return layer, history
+
+
+def test_ring_attention_matches_reference_with_wraps_and_multi_token_steps():
+    window, group, d = 6, 2, 8
+    gen = torch.Generator().manual_seed(7)
+    layer, history = _ring_layer([[5, 2], [0, 3]], window, d=d)
+    b, h = 2, 2
+    widest = 1
+    for q in (1, 1, 3, 1, 1, 1, 4, 1, 1):
+        widest = max(widest, q)
+        new_k, new_v = torch.randn((b, h, q, d), generator=gen), torch.randn((b, h, q, d), generator=gen)
+        first = layer.seen
+        layer.append(new_k, new_v)
+        layer.seen += q
+        for (row, head), items in history.items():
+            items.extend((first + t, new_k[row, head, t], new_v[row, head, t]) for t in range(q))
+        query = torch.randn((b, h * group, q, d), generator=gen)
+        fast = decode_attention(query, layer.buckets, h, d ** -0.5, first_query=first)
+        for t in range(q):  # the loop reference over exactly the tokens query t may see
+            p = first + t
+            visible = [[[(k, v) for pos, k, v in history[(row, head)] if p - window < pos <= p] for head in range(h)]
+                       for row in range(b)]
+            lk = [[torch.stack([k for k, _ in hv]) for hv in rv] for rv in visible]
+            lv = [[torch.stack([v for _, v in hv]) for hv in rv] for rv in visible]
+            ref = ragged_attention_reference(query[:, :, t:t + 1], lk, lv, d ** -0.5)
+            torch.testing.assert_close(fast[:, t:t + 1], ref, rtol=1e-5, atol=1e-5)
+        # W slots in single-token decode; a q-token forward needs (and keeps) W - 1 + q
+        assert all(bk.capacity <= window - 1 + widest for bk in layer.buckets)
+        keys, _, positions, lengths = layer.padded()
+        for row in range(b):
+            for head in range(h):
+                n = int(lengths[row, head])
+                assert bool((positions[row, head, :n].diff() > 0).all())  # ascending even after wrapping
+                last = {pos: k for pos, k, _ in history[(row, head)]}
+                for j in range(n):
+                    torch.testing.assert_close(keys[row, head, j], last[int(positions[row, head, j])])
+
+
+def test_ring_never_grows_in_single_token_decode():
+    layer, _ = _ring_layer([[7, 7]], window=8)
+    for _ in range(50):
+        layer.append(torch.zeros((1, 2, 1, 8)), torch.zeros((1, 2, 1, 8)))
+        layer.seen += 1
+    assert [bk.capacity for bk in layer.buckets] == [8]
+    assert layer.padded()[2][0, 0].tolist() == list(range(82, 90))  # the last W positions

@@ -28,15 +28,23 @@ class Bucket:
     ``lengths (n,)`` live tokens per sequence (left-aligned, ascending positions); ``max_len`` is
     the same maximum as a Python int (no device sync per step); ``uniform``: all lengths equal;
     ``is_identity``: the bucket holds every sequence of the layer in order (no gather needed).
+
+    Ring buckets (``window`` = W, sliding-window layers) never hold more than ``W - 1 + q`` slots
+    for ``q``-token forwards (``W`` in decode): they grow like the others up to that size, then a new
+    token overwrites the slot with the smallest position (empty slots first, lowest index first), which
+    no query can see any more. Occupied slots stay a prefix ``[0, lengths)``; once wrapped the slots
+    are no longer in position order (``HeadwiseLayer.padded()`` sorts them).
     """
 
-    def __init__(self, seq, keys, values, positions, lengths, max_len: int, uniform: bool, is_identity: bool):
+    def __init__(self, seq, keys, values, positions, lengths, max_len: int, uniform: bool, is_identity: bool,
+                 window: int | None = None):
         self.seq = seq
         self.keys, self.values, self.positions = keys, values, positions
         self.lengths = lengths
         self.max_len = max_len
         self.uniform = uniform
         self.is_identity = is_identity
+        self.window = window  # sliding window W: a ring (see ``ring_write``), None: plain append storage
         self.page_table = None  # (n, capacity // PAGE) int32, built on first paged use, reset on growth
 
     @property
@@ -47,29 +55,32 @@ class Bucket:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions))
 
     def reserve(self, extra: int) -> None:
-        """Make room for ``extra`` more tokens per sequence (geometric growth, page aligned)."""
+        """Make room for ``extra`` more tokens per sequence (geometric growth, page aligned; rings up to
+        ``W - 1 + extra``)."""
         need = self.max_len + extra
+        if self.window is not None:
+            need = min(need, self.window - 1 + extra)
         if need <= self.capacity:
             return
         cap = round_page(max(need, int(self.capacity * GROWTH) + MIN_HEADROOM))
+        if self.window is not None:
+            cap = max(need, min(cap, self.window - 1 + extra))
         n, _, d = self.keys.shape
         for name in ("keys", "values", "positions"):
             old = getattr(self, name)
-            new = old.new_zeros((n, cap, d) if old.dim() == 3 else (n, cap))
+            new = old.new_zeros((n, cap, d)) if old.dim() == 3 else old.new_full((n, cap), -1)
             new[:, : self.max_len] = old[:, : self.max_len]
             setattr(self, name, new)
         self.page_table = None
 
 
-def key_mask(lengths: torch.Tensor, max_len: int, q: int, group: int, uniform: bool,
-             min_position: torch.Tensor | None = None, positions: torch.Tensor | None = None):
+def key_mask(lengths: torch.Tensor, max_len: int, q: int, group: int, uniform: bool):
     """Boolean mask ``(n, 1, group*q, max_len)`` or None when every key is visible.
 
     ``lengths (n,)`` already include the ``q`` new tokens, stored last. Row ``g*q + t`` is query
-    token ``t`` of query head ``g``; it sees keys ``j < lengths - q + t + 1``. ``min_position``
-    (scalar tensor) with ``positions (n, max_len)`` hides keys outside a sliding window.
+    token ``t`` of query head ``g``; it sees keys ``j < lengths - q + t + 1``.
     """
-    if uniform and q == 1 and min_position is None:
+    if uniform and q == 1:
         return None
     n = lengths.shape[0]
     device = lengths.device
@@ -77,9 +88,41 @@ def key_mask(lengths: torch.Tensor, max_len: int, q: int, group: int, uniform: b
     t = torch.arange(q, device=device).repeat(group)  # (group*q,)
     limit = (lengths[:, None] - q + 1) + t[None, :]  # (n, group*q)
     mask = cols[None, None, :] < limit[:, :, None]  # (n, group*q, max_len)
-    if min_position is not None and positions is not None:
-        mask = mask & (positions[:, None, :max_len] >= min_position)
     return mask.view(n, 1, group * q, max_len)
+
+
+def window_mask(positions: torch.Tensor, first_query: int, q: int, group: int, window: int) -> torch.Tensor:
+    """Position-based mask of a ring bucket: ``(n, 1, group*q, L)`` for ``positions (n, L)`` (-1 empty).
+
+    Query token ``t`` (position ``p = first_query + t``) sees stored keys with ``p - window < pos <= p``,
+    as transformers' sliding-window mask does; slot order does not matter.
+    """
+    n, length = positions.shape
+    query_pos = first_query + torch.arange(q, device=positions.device).repeat(group)  # (group*q,)
+    pos = positions[:, None, :]
+    qp = query_pos[None, :, None]
+    mask = (pos >= 0) & (pos <= qp) & (pos > qp - window)
+    return mask.view(n, 1, group * q, length)
+
+
+def ring_write(bucket: Bucket, keys: torch.Tensor, values: torch.Tensor, new_positions: torch.Tensor) -> None:
+    """Write ``q`` new tokens ``keys/values (n, q, D)`` at ``new_positions (q,)`` into a ring bucket.
+
+    The bucket must already have ``W - 1 + q`` slots or room for ``q`` more (``Bucket.reserve``).
+    Each row overwrites its ``q`` slots of lowest key: empty slots (by index) before any stored
+    position, then the smallest positions; with ``W - 1 + q`` slots those are never visible again.
+    """
+    q = keys.shape[1]
+    n, cap = bucket.positions.shape
+    slots = torch.arange(cap, device=keys.device)
+    key = torch.where(bucket.positions < 0, slots - cap, bucket.positions)  # distinct per row
+    target = torch.topk(key, q, dim=-1, largest=False, sorted=True).indices  # (n, q), empty slots by index
+    rows = torch.arange(n, device=keys.device)[:, None]
+    bucket.keys[rows, target] = keys
+    bucket.values[rows, target] = values
+    bucket.positions[rows, target] = new_positions.expand(n, q)
+    bucket.lengths = (bucket.positions >= 0).sum(-1)
+    bucket.max_len = min(cap, bucket.max_len + q)
 
 
 def bucket_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask, scaling: float):
@@ -133,26 +176,29 @@ def plan_buckets(lengths: list[int], max_buckets: int = 4, overhead: int = 1024)
 
 
 def decode_attention(query: torch.Tensor, buckets: list[Bucket], n_kv_heads: int, scaling: float,
-                     backend: str = "sdpa", min_position: int | None = None) -> torch.Tensor:
+                     backend: str = "sdpa", first_query: int = 0) -> torch.Tensor:
     """Decode attention of ``query (B, Hq, q, D)`` over a layer's buckets -> ``(B, q, Hq, D)``.
 
-    The ``q`` new tokens are already stored last in every sequence. ``backend``: ``"sdpa"`` (one
-    batched SDPA call per bucket) or ``"triton"`` (the paged kernel over the bucket storage viewed
-    as pages, no copy). ``min_position``: keys at older positions are hidden (sliding window).
+    The ``q`` new tokens are already stored (last in every plain sequence; anywhere in a ring).
+    ``backend``: ``"sdpa"`` (one batched SDPA call per bucket) or ``"triton"`` (the paged kernel over
+    the bucket storage viewed as pages, no copy). Ring buckets (sliding-window layers) always use
+    SDPA with the position mask of :func:`window_mask`; ``first_query`` is the new tokens' first position.
     """
     b, hq, q, d = query.shape
     h = n_kv_heads
     group = hq // h
     flat_q = query.reshape(b * h, group * q, d)
     out = query.new_empty((b * h, group * q, d)) if len(buckets) > 1 else None
-    min_pos = None if min_position is None else torch.tensor(min_position, device=query.device)
     for bucket in buckets:
         n = bucket.max_len
         qb = flat_q if bucket.is_identity else flat_q[bucket.seq]
-        if backend == "triton" and min_pos is None:
+        if bucket.window is not None:
+            mask = window_mask(bucket.positions[:, :n], first_query, q, group, bucket.window)
+            res = bucket_attention(qb, bucket.keys[:, :n], bucket.values[:, :n], mask, scaling)
+        elif backend == "triton":
             res = _triton_bucket(qb, bucket, scaling, q)
         else:
-            mask = key_mask(bucket.lengths, n, q, group, bucket.uniform, min_pos, bucket.positions)
+            mask = key_mask(bucket.lengths, n, q, group, bucket.uniform)
             res = bucket_attention(qb, bucket.keys[:, :n], bucket.values[:, :n], mask, scaling)
         if out is None:
             out = res

@@ -17,7 +17,9 @@ Per-cache state lives on the method instance (``make_cache`` builds one instance
 (re)initialised in ``setup``; never in globals.
 
 Budget accounting (docs/DESIGN.md section 2): over all layers x KV heads the kept prompt entries
-sum to ``round(keep * prompt_len * n_layers * n_kv_heads)`` per batch row.
+sum to ``round(keep * prompt_len * n_layers * n_kv_heads)`` per batch row. On hybrid models the
+cache caps sliding-window layers at the ``min(prompt_len, W - 1)`` tokens they can still attend to
+and moves the excess to full-attention heads; methods see it in ``ctx.budget`` and ``ctx.valid``.
 """
 
 from __future__ import annotations
@@ -41,9 +43,12 @@ class PrefillContext:
     """What a method sees for one layer at the end of prefill.
 
     Shapes: ``queries (B, Hq, T, D)``, ``keys``/``values`` ``(B, Hkv, T, D)`` (post-RoPE, exactly
-    what attention used), ``valid (B, T)`` bool (False on left padding), ``prompt_lengths (B,)``
-    = ``valid.sum(-1)``, ``budget (B, Hkv)`` long: this layer's kept prompt tokens per head from
-    :meth:`Method.budgets`. Query head ``j`` reads KV head ``j // group``.
+    what attention used), ``valid (B, T)`` bool: the prompt slots this layer may keep (False on left
+    padding and, on a sliding-window layer, on all but the last ``W - 1`` slots, which no later query
+    can see), ``prompt_lengths (B,)`` real prompt lengths (padding excluded), ``budget (B, Hkv)``
+    long: this layer's kept prompt tokens per head from :meth:`Method.budgets` (sliding layers capped
+    at ``min(T_b, W - 1)``). ``window``: this layer's sliding window or None; ``layer_windows``: every
+    layer's (cross-layer methods). Query head ``j`` reads KV head ``j // group``.
     """
 
     layer_idx: int
@@ -57,7 +62,9 @@ class PrefillContext:
     keep: float
     budget: torch.Tensor
     layers: Any = None  # the cache's HeadwiseLayers; cross-layer methods (CAKE) re-evict earlier ones
-    module: Any = None  # the attention module (for sliding_window etc.)
+    module: Any = None  # the attention module
+    window: int | None = None  # sliding window W of this layer, None: full attention
+    layer_windows: list[int | None] | None = None  # every layer's window (None: all full attention)
 
     @property
     def group(self) -> int:
@@ -76,8 +83,8 @@ class PrefillContext:
         return self.valid[:, None, :].expand(-1, self.n_kv_heads, -1).clone()
 
     def keeps_everything(self) -> bool:
-        """True when every head's budget covers its whole prompt (``keep=1.0``): scoring can be skipped."""
-        return bool((self.budget >= self.prompt_lengths[:, None]).all())
+        """True when every head's budget covers every keepable token (``keep=1.0``): scoring can be skipped."""
+        return bool((self.budget >= self.valid.sum(-1)[:, None]).all())
 
 
 @dataclass
@@ -87,6 +94,7 @@ class DecodeContext:
     ``queries (B, Hq, q, D)`` are the new post-RoPE queries; ``layer`` gives access to the stored
     tokens (``layer.padded()`` and ``layer.restrict(mask)``); ``step`` counts decode forwards of this
     layer since prefill, starting at 1; ``budget (B, Hkv)`` is the layer's prompt budget.
+    Sliding-window layers: see :meth:`reachable` (methods that evict drop what it excludes).
     """
 
     layer_idx: int
@@ -97,6 +105,16 @@ class DecodeContext:
     scaling: float
     keep: float
     budget: torch.Tensor
+    window: int | None = None  # sliding window W of this layer, None: full attention
+
+    def reachable(self, positions: torch.Tensor) -> torch.Tensor:
+        """Stored slots a later query can still attend to: ``positions >= 0`` and, on a sliding-window
+        layer, ``position > seen - W`` (the next query sits at position ``layer.seen``). Same shape as
+        ``positions``."""
+        live = positions >= 0
+        if self.window is not None:
+            live = live & (positions > self.layer.seen - self.window)
+        return live
 
 
 class Method:

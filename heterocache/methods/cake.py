@@ -11,7 +11,15 @@ from fractions import Fraction
 import torch
 import torch.nn.functional as F
 
-from heterocache.budget import split_evenly, total_budget, uniform_budgets, water_fill, weighted_budgets
+from heterocache.budget import (
+    cap_sliding,
+    sliding_cap,
+    split_evenly,
+    total_budget,
+    uniform_budgets,
+    water_fill,
+    weighted_budgets,
+)
 from heterocache.methods.base import Method, PrefillContext, check_range
 from heterocache.methods.scoring import (
     compact,
@@ -51,6 +59,9 @@ class CAKE(Method):
     Eviction indicator per query head ``mean_i A + gamma Var_i A``, avg-pooled, group mean: each
     head keeps the window plus its top prefix tokens. If the budget cannot cover every window
     (``keep * L < window``) the allocation is uniform and each head keeps its most recent tokens.
+    Hybrid models: a sliding-window layer's reach is ``R_l = min(L, W - 1)`` tokens per head; its
+    window is ``min(window, R_l)`` and its prefix cap ``Hkv (R_l - window)``, so the water-filling
+    hands what it cannot hold to the other layers (in the cascade too).
 
     Cascading: at layer ``m`` the layers seen so far share the whole prefix budget by their
     preferences; earlier layers are re-evicted (``ctx.layers[l].restrict``) with their stored,
@@ -136,18 +147,21 @@ class CAKE(Method):
         seen, n_layers, n_kv = ctx.layer_idx + 1, ctx.n_layers, ctx.n_kv_heads
         rows = []
         for b, prompt_len in enumerate(ctx.prompt_lengths.tolist()):  # scalar bookkeeping only
-            window = min(self.window, prompt_len)
-            prefix_total = total_budget(ctx.keep, prompt_len, n_layers, n_kv) - n_layers * n_kv * window
+            layer_windows = ctx.layer_windows or [None] * n_layers
+            reach = [sliding_cap(prompt_len, w) for w in layer_windows]  # tokens per head each layer can use
+            windows = [min(self.window, r) for r in reach]
+            prefix_total = total_budget(ctx.keep, prompt_len, n_layers, n_kv) - n_kv * sum(windows)
             if prefix_total < 0:
-                rows.append(uniform_budgets(ctx.keep, prompt_len, n_layers, n_kv)[:seen])
+                uniform = uniform_budgets(ctx.keep, prompt_len, n_layers, n_kv)
+                rows.append(cap_sliding(uniform, layer_windows, prompt_len)[:seen])
                 continue
             weights = [_dyadic(self.preference[layer][b]) for layer in range(seen)]
-            caps = [n_kv * (prompt_len - window)] * seen
+            caps = [n_kv * (reach[layer] - windows[layer]) for layer in range(seen)]
             if seen == n_layers:
                 prefix = weighted_budgets(prefix_total, weights, caps)
             elif self.cascading:
                 prefix = [math.ceil(x) for x in water_fill(prefix_total, weights, caps)]
             else:
                 prefix = caps
-            rows.append([split_evenly(p + n_kv * window, n_kv) for p in prefix])
+            rows.append([split_evenly(p + n_kv * windows[layer], n_kv) for layer, p in enumerate(prefix)])
         return torch.tensor(rows, dtype=torch.long, device=ctx.valid.device)

@@ -34,7 +34,8 @@ class H2O(Method):
     ``ceil(C / 2)`` most recent plus the ``floor(C / 2)`` heaviest tokens; after every decode step the
     new queries' attention (raw sums, group mean) is added to the scores of the stored tokens and each
     head is evicted back to ``C`` (recent ``ceil(C / 2)`` kept, heavy hitters among the rest). Generated
-    tokens compete for the same slots.
+    tokens compete for the same slots. On sliding-window layers the scores only count keys inside
+    the window, and tokens that left it are evicted first (they can never be attended to again).
 
     Parameters
     ----------
@@ -86,11 +87,12 @@ class H2O(Method):
             return
         keys, _, positions, lengths = ctx.layer.padded()
         slot_valid = positions >= 0
-        probs = decode_probs(ctx.queries, keys, positions, ctx.scaling)  # (B, Hkv, G, q, L)
+        probs = decode_probs(ctx.queries, keys, positions, ctx.scaling, ctx.window)  # (B, Hkv, G, q, L)
         scores = expand_compact(self.layer_scores[ctx.layer_idx], slot_valid) + probs.sum(3).mean(2)
         budget = ctx.budget.to(keys.device)
-        if bool((lengths > budget).any()):
-            mask = select_with_forced(scores, slot_valid, budget, 0, budget - budget // 2)
+        live = ctx.reachable(positions)
+        if bool((lengths > budget).any()) or not bool(torch.equal(live, slot_valid)):
+            mask = select_with_forced(scores, live, budget, 0, budget - budget // 2)
             ctx.layer.restrict(mask)
         else:
             mask = slot_valid

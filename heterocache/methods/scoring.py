@@ -180,13 +180,15 @@ def select_with_forced(
 
 
 def decode_probs(
-    queries: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, scaling: float
+    queries: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, scaling: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention of new decode queries over a layer's stored tokens, fp32: ``(B, Hkv, G, q, L)``.
 
     ``queries (B, Hq, q, D)``, ``keys (B, Hkv, L, D)`` and ``positions (B, Hkv, L)`` from
     ``HeadwiseLayer.padded()`` (``-1`` on padding slots). The ``q`` queries are the newest tokens:
-    query ``i`` sits at position ``max_position - (q - 1 - i)`` and sees stored positions up to it.
+    query ``i`` sits at position ``p_i = max_position - (q - 1 - i)`` and sees stored positions up to
+    it (with a sliding ``window``: only those ``> p_i - window``, as the layer's attention does).
     """
     batch, n_heads, n_new, _ = queries.shape
     n_kv_heads, length = keys.shape[1], keys.shape[2]
@@ -194,6 +196,8 @@ def decode_probs(
     logits = (grouped @ keys.float().transpose(-1, -2) * scaling).view(batch, n_kv_heads, -1, n_new, length)
     query_pos = positions.amax(-1, keepdim=True) - torch.arange(n_new - 1, -1, -1, device=keys.device)
     allowed = (positions[..., None, :] >= 0) & (positions[..., None, :] <= query_pos[..., None])
+    if window is not None:
+        allowed = allowed & (positions[..., None, :] > query_pos[..., None] - window)
     return _safe_softmax(logits.masked_fill_(~allowed[:, :, None], float("-inf")))
 
 

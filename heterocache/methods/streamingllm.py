@@ -19,7 +19,9 @@ class StreamingLLM(Method):
     Budget: uniform ``C = keep * L`` per (layer, KV head) (:func:`heterocache.budget.uniform_budgets`),
     sinks inside ``C``; when ``C < sinks`` only the first ``C`` sinks are kept. Same rule for every
     layer and head. Survivors keep their original positions (the compression-baseline protocol; the
-    original's cache-slot re-indexing is not implemented).
+    original's cache-slot re-indexing is not implemented). Sliding-window layers keep no sinks (the
+    model's first tokens are out of their reach; the window's first tokens would leave it within a
+    few steps): their (capped) budget goes to the most recent tokens.
 
     Parameters
     ----------
@@ -43,7 +45,8 @@ class StreamingLLM(Method):
     def select(self, ctx: PrefillContext) -> torch.Tensor:
         if ctx.keeps_everything():
             return ctx.keep_all()
-        mask, _ = forced_keep(ctx.valid, ctx.budget, self.sinks, ctx.seq_len)
+        sinks = 0 if ctx.window is not None else self.sinks
+        mask, _ = forced_keep(ctx.valid, ctx.budget, sinks, ctx.seq_len)
         return mask
 
     def on_decode_step(self, ctx: DecodeContext) -> None:
@@ -51,6 +54,8 @@ class StreamingLLM(Method):
             return
         budget = ctx.budget.to(ctx.queries.device)
         _, _, positions, lengths = ctx.layer.padded()
-        if bool((lengths > budget).any()):
-            mask, _ = forced_keep(positions >= 0, budget, self.sinks, positions.shape[-1])
+        live = ctx.reachable(positions)
+        if bool((lengths > budget).any()) or not bool(torch.equal(live, positions >= 0)):
+            sinks = 0 if ctx.window is not None else self.sinks
+            mask, _ = forced_keep(live, budget, sinks, positions.shape[-1])
             ctx.layer.restrict(mask)

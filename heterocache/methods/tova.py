@@ -23,7 +23,8 @@ class TOVA(Method):
     ``evict_during_decode=True`` (the original, default): after each decode step the newest query's
     attention (averaged over the query heads of every KV head holding the token) re-ranks the stored
     tokens and each head drops its lowest-scoring ones back to ``C``; generated tokens compete for
-    the slots. False: prefill only (kvpress behaviour), decode tokens appended.
+    the slots. False: prefill only (kvpress behaviour), decode tokens appended. On sliding-window
+    layers the scores only count keys inside the window and tokens that left it are dropped.
 
     Parameters
     ----------
@@ -48,10 +49,10 @@ class TOVA(Method):
             return
         keys, _, positions, lengths = ctx.layer.padded()
         budget = ctx.budget.to(keys.device)
-        if not bool((lengths > budget).any()):
+        slot_valid = ctx.reachable(positions)
+        if not bool((lengths > budget).any()) and bool(torch.equal(slot_valid, positions >= 0)):
             return
-        slot_valid = positions >= 0
-        scores = decode_probs(ctx.queries, keys, positions, ctx.scaling)[:, :, :, -1].mean(2)  # (B, Hkv, L)
+        scores = decode_probs(ctx.queries, keys, positions, ctx.scaling, ctx.window)[:, :, :, -1].mean(2)
         # one ranking per layer: average each position's score over the KV heads that hold it
         index = positions.clamp(min=0).flatten(1)
         span = int(positions.max()) + 1

@@ -12,7 +12,15 @@ import torch
 
 import heterocache.profiling.classify as cl
 from heterocache.profiling.capture import CaptureResult, calibration_ids, capture, read_texts
-from heterocache.profiling.profile import FORMAT, HeadProfile, HeadRecord, model_fingerprint, model_name
+from heterocache.profiling.profile import (
+    FORMAT,
+    FULL,
+    SLIDING,
+    HeadProfile,
+    HeadRecord,
+    model_fingerprint,
+    model_name,
+)
 
 SIMILARITIES = ("prefill", "decode_median")
 #: bump when the capture or classification changes so stale cached profiles are not reused
@@ -57,17 +65,27 @@ def _prompt_ids(tokenizer, texts, input_ids, max_length: int, chat_template: boo
 def classify_capture(result: CaptureResult, stable_threshold: float | str = 0.5,
                      sim_threshold: float | str = 0.5, similarity: str = "prefill"
                      ) -> tuple[list[list[HeadRecord]], dict]:
-    """Turn captured top-k sets into head records + the numeric thresholds used (spec s.3-5)."""
+    """Turn captured top-k sets into head records + the numeric thresholds used (spec s.3-5).
+
+    Only the captured (full-attention) layers are classified, and thresholds come from them alone;
+    heads of sliding-window layers get the fixed ``"sliding"`` record (profile.py).
+    """
+    captured = result.layers if result.layers is not None else list(range(result.n_layers))
+    n_model_layers = len(result.layer_windows) if result.layer_windows is not None else result.n_layers
+    n_heads = result.topk_indices.shape[3]
     stabilities, sims = [], []
-    for layer in range(result.n_layers):
-        masks = cl.indices_to_mask(result.topk_indices[layer], result.prompt_len)  # (S, B, H, T)
+    for row in range(result.n_layers):
+        masks = cl.indices_to_mask(result.topk_indices[row], result.prompt_len)  # (S, B, H, T)
         stabilities.append(cl.stability(cl.step_overlaps(masks[0], masks[1:])))
         sims.append(cl.pairwise_similarity(masks[0]) if similarity == "prefill"
                     else cl.decode_median_similarity(masks[1:]))
-    stab = torch.stack(stabilities)  # (L, H)
-    stable_value, stable_rule = cl.resolve_stable_threshold(stable_threshold, stab)
-    sim_values, sim_rule = cl.resolve_sim_threshold(sim_threshold, sims)
-    temporal = cl.temporal_labels(stab, stable_value)
+    stab = torch.stack(stabilities) if stabilities else torch.zeros((0, n_heads))  # (captured layers, H)
+    if captured:
+        stable_value, stable_rule = cl.resolve_stable_threshold(stable_threshold, stab)
+        sim_values, sim_rule = cl.resolve_sim_threshold(sim_threshold, sims)
+    else:
+        stable_value, stable_rule, sim_values, sim_rule = None, "no full-attention layer", [], "no full-attention layer"
+    temporal = cl.temporal_labels(stab, stable_value) if captured else []
     roles, pivots = [], []
     for layer, sim in enumerate(sims):
         threshold = sim_values[layer]
@@ -78,10 +96,13 @@ def classify_capture(result: CaptureResult, stable_threshold: float | str = 0.5,
         pivots.append(layer_pivots)
     stab_list = stab.tolist()
     weights = cl.allocation_weights(stab_list, roles)
-    heads = [[HeadRecord(layer=li, head=hi, stability=round(stab_list[li][hi], 6),
-                         labels=(temporal[li][hi], roles[li][hi] if roles[li][hi] in ("pivot", "satellite") else None),
-                         pivot=pivots[li][hi], weight=weights[li][hi])
-              for hi in range(len(roles[li]))] for li in range(len(roles))]
+    classified = {layer: [HeadRecord(layer=layer, head=hi, stability=round(stab_list[li][hi], 6),
+                                     labels=(temporal[li][hi], roles[li][hi] if roles[li][hi] in ("pivot", "satellite")
+                                             else None),
+                                     pivot=pivots[li][hi], weight=weights[li][hi])
+                          for hi in range(len(roles[li]))] for li, layer in enumerate(captured)}
+    heads = [classified.get(layer) or [HeadRecord(layer, hi, None, ("sliding", None)) for hi in range(n_heads)]
+             for layer in range(n_model_layers)]
     uniform = all(v == sim_values[0] for v in sim_values)
     info = {"stable_threshold_value": stable_value, "stable_threshold_rule": stable_rule,
             "sim_threshold_value": sim_values[0] if uniform and sim_values else sim_values,
@@ -121,7 +142,7 @@ def profile_heads(model, tokenizer=None, texts: str | Path | Sequence[str] | Non
     cl.parse_threshold(stable_threshold, "stable_threshold")
     cl.parse_threshold(sim_threshold, "sim_threshold", allow_layer=True)
 
-    from heterocache.models import model_geometry
+    from heterocache.models import layer_windows, model_geometry
 
     geometry = model_geometry(model)
     ids, text_info = _prompt_ids(tokenizer, texts, input_ids, max_length, chat_template)
@@ -163,6 +184,10 @@ def profile_heads(model, tokenizer=None, texts: str | Path | Sequence[str] | Non
     }
     model_info = {"name": name, "n_layers": geometry["n_layers"], "n_kv_heads": geometry["n_kv_heads"],
                   "head_dim": geometry["head_dim"], "fingerprint": fingerprint}
+    windows = layer_windows(model)
+    if any(w is not None for w in windows):  # hybrid model: format 2 records the layer types
+        model_info["layer_types"] = [SLIDING if w is not None else FULL for w in windows]
+        model_info["sliding_window"] = next(w for w in windows if w is not None)
     profile = HeadProfile(model=model_info, settings=settings, heads=heads)
     if cache_path is not None:
         profile.save(cache_path)

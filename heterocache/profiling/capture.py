@@ -7,6 +7,9 @@ GQA-reduced to the KV head by the **mean** over its query group (DESIGN s.4), sl
 keys ``[0, T)``, average-pooled (kernel 5, stride 1, padding 2, padding counted) and cut to its
 top-``k`` index set. A ``T x T`` matrix is never formed. Step 0 is the prefill (the last prompt
 token's row); step ``s >= 1`` is the ``s``-th decode forward (``max_new_tokens - 1`` of them).
+
+Sliding-window layers (hybrid models) are not captured: they only ever see their last ``W`` keys,
+so their heads get the fixed role ``"sliding"`` (profile.py) and are never pivots or satellites.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ POOL_KERNEL = ROW_POOL_KERNEL
 class CaptureResult:
     """What classification needs from a calibration run.
 
-    ``topk_indices``: ``(L, S, B, Hkv, k)`` int32, each set sorted ascending; ``S = 1 + decode
-    steps`` (index 0 = prefill). ``generated``: ``(B, max_new_tokens)`` greedy tokens.
-    ``rows``: ``(L, S, B, Hkv, T)`` fp32 pooled rows, only when asked for (tests, small models).
+    ``topk_indices``: ``(L, S, B, Hkv, k)`` int32 over the captured (full-attention) layers, each
+    set sorted ascending; ``S = 1 + decode steps`` (index 0 = prefill). ``generated``:
+    ``(B, max_new_tokens)`` greedy tokens. ``rows``: ``(L, S, B, Hkv, T)`` fp32 pooled rows, only when
+    asked for (tests, small models). ``layers``: the model layer of each captured row (None: every
+    layer, in order); ``layer_windows``: every model layer's sliding window (None: full attention).
     """
 
     topk_indices: torch.Tensor
@@ -40,6 +45,8 @@ class CaptureResult:
     topk: int
     generated: torch.Tensor
     rows: torch.Tensor | None = None
+    layers: list[int] | None = None
+    layer_windows: list[int | None] | None = None
 
     @property
     def n_layers(self) -> int:
@@ -84,10 +91,11 @@ def topk_set(pooled: torch.Tensor, k: int) -> torch.Tensor:
 class _Recorder:
     """Holds the per-(layer, step) top-k sets; its ``attention`` method is the registered function."""
 
-    def __init__(self, prompt_len: int, topk: int, keep_rows: bool) -> None:
+    def __init__(self, prompt_len: int, topk: int, keep_rows: bool, windows: list[int | None] | None = None) -> None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         self._sdpa = sdpa_attention_forward
+        self.windows = windows or []
         self.prompt_len = prompt_len
         self.topk = topk
         self.keep_rows = keep_rows
@@ -96,12 +104,13 @@ class _Recorder:
         self.rows: dict[tuple[int, int], torch.Tensor] = {}
 
     def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if module.layer_idx < len(self.windows) and self.windows[module.layer_idx] is not None:
+            return self._sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         expected = self.prompt_len + self.step
         if key.shape[2] != expected:
             raise ValueError(
                 f"layer {module.layer_idx} saw {key.shape[2]} keys at step {self.step}, expected {expected}: "
-                "profiling needs a cache that keeps every token (sliding-window layers that drop keys "
-                "are not supported; use max_length below the window)"
+                "profiling needs a cache that keeps every token of the full-attention layers"
             )
         scale = scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
         with torch.no_grad():
@@ -111,13 +120,15 @@ class _Recorder:
                 self.rows[(module.layer_idx, self.step)] = pooled.cpu()
         return self._sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
-    def stack(self, n_layers: int, n_steps: int, store: dict) -> torch.Tensor:
-        missing = [(layer, step) for layer in range(n_layers) for step in range(n_steps) if (layer, step) not in store]
+    def stack(self, layers: list[int], n_steps: int, store: dict, empty_shape: tuple[int, ...]) -> torch.Tensor:
+        if not layers:  # every layer slides: nothing to classify
+            return torch.zeros((0, n_steps, *empty_shape), dtype=torch.int32 if store is self.sets else torch.float32)
+        missing = [(layer, step) for layer in layers for step in range(n_steps) if (layer, step) not in store]
         if missing:
             raise RuntimeError(f"attention capture missed (layer, step) {missing[:5]}: the model did not call "
                                "the registered attention function for every layer")
         return torch.stack([torch.stack([store[(layer, step)] for step in range(n_steps)])
-                            for layer in range(n_layers)])
+                            for layer in layers])
 
 
 @contextmanager
@@ -141,16 +152,19 @@ def capture(model, input_ids: torch.Tensor, max_new_tokens: int = 100, topk: int
     """Greedy-decode ``max_new_tokens`` tokens from ``input_ids (B, T)`` (no padding) and record sets.
 
     Decoding never stops at EOS, so every run has exactly ``max_new_tokens - 1`` decode steps.
+    Sliding-window layers are skipped (module docstring).
     """
     from tqdm.auto import tqdm
     from transformers import DynamicCache
 
-    from heterocache.models import model_geometry
+    from heterocache.models import layer_windows, model_geometry
 
-    n_layers = model_geometry(model)["n_layers"]
+    windows = layer_windows(model)
+    captured = [layer for layer, window in enumerate(windows) if window is None]
     device = model.get_input_embeddings().weight.device
     input_ids = input_ids.to(device)
-    recorder = _Recorder(input_ids.shape[1], topk, keep_rows)
+    recorder = _Recorder(input_ids.shape[1], topk, keep_rows, windows)
+    n_kv_heads = model_geometry(model)["n_kv_heads"]
     was_training = model.training
     model.eval()
     generated = []
@@ -168,11 +182,15 @@ def capture(model, input_ids: torch.Tensor, max_new_tokens: int = 100, topk: int
     finally:
         model.train(was_training)
     return CaptureResult(
-        topk_indices=recorder.stack(n_layers, max_new_tokens, recorder.sets),
+        topk_indices=recorder.stack(captured, max_new_tokens, recorder.sets,
+                                    (input_ids.shape[0], n_kv_heads, min(topk, input_ids.shape[1]))),
         prompt_len=input_ids.shape[1],
         topk=min(topk, input_ids.shape[1]),
         generated=torch.cat(generated, dim=1).cpu(),
-        rows=recorder.stack(n_layers, max_new_tokens, recorder.rows) if keep_rows else None,
+        rows=recorder.stack(captured, max_new_tokens, recorder.rows,
+                            (input_ids.shape[0], n_kv_heads, input_ids.shape[1])) if keep_rows else None,
+        layers=captured,
+        layer_windows=windows,
     )
 
 

@@ -6,7 +6,9 @@ from pathlib import Path
 
 from heterocache.profiling.profile import ROLES, HeadProfile
 
-COLORS = {"anchor": "#4c9f70", "volatile": "#e07a5f", "pivot": "#3d5a80", "satellite": "#98c1d9"}
+COLORS = {"anchor": "#4c9f70", "volatile": "#e07a5f", "pivot": "#3d5a80", "satellite": "#98c1d9",
+          "sliding": "#cccccc"}
+PLOTTED = (*ROLES, "sliding")  # sliding-window layers' heads are not profiled (grey, no stability)
 
 
 def plot_profile(profile: HeadProfile, path: str | Path) -> Path:
@@ -22,15 +24,15 @@ def plot_profile(profile: HeadProfile, path: str | Path) -> Path:
     from matplotlib.patches import Patch
 
     n_layers, n_heads = profile.n_layers, profile.n_kv_heads
-    codes = [[ROLES.index(profile.role(layer, head)) for layer in range(n_layers)] for head in range(n_heads)]
+    codes = [[PLOTTED.index(profile.role(layer, head)) for layer in range(n_layers)] for head in range(n_heads)]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * n_layers + 1.5), max(2.5, 0.55 * n_heads + 1.6)))
-    ax.imshow(codes, cmap=ListedColormap([COLORS[r] for r in ROLES]), vmin=-0.5, vmax=len(ROLES) - 0.5,
+    ax.imshow(codes, cmap=ListedColormap([COLORS[r] for r in PLOTTED]), vmin=-0.5, vmax=len(PLOTTED) - 0.5,
               aspect="auto", interpolation="nearest")
     font = 7 if n_layers <= 40 else 5
     for layer in range(n_layers):
         for head in range(n_heads):
             record = profile.heads[layer][head]
-            text = f"{record.stability:.2f}"
+            text = "-" if record.stability is None else f"{record.stability:.2f}"
             if record.role == "satellite":
                 text += f"\n->{record.pivot}"
             ax.text(layer, head, text, ha="center", va="center", fontsize=font,

@@ -1,8 +1,8 @@
 """``HeadProfile``: per-KV-head roles and budget weights, stored as versioned JSON (DESIGN s.6).
 
 ```
-{"format": "heterocache.profile/1",
- "model": {"name", "n_layers", "n_kv_heads", "head_dim", "fingerprint"},
+{"format": "heterocache.profile/2",
+ "model": {"name", "n_layers", "n_kv_heads", "head_dim", "fingerprint", "layer_types", "sliding_window"},
  "settings": {...},
  "heads": [[{"layer", "head", "stability", "labels": [temporal, cluster], "pivot", "weight"}, ...], ...]}
 ```
@@ -11,6 +11,13 @@
 (precedence pivot > satellite > temporal). ``pivot`` is the pivot's head index for a satellite,
 null otherwise; ``weight`` is the allocation weight of anchors and satellites, null for the full
 heads (volatile, pivot).
+
+Format 2 (hybrid models) adds ``model.layer_types`` (``"full_attention"|"sliding_attention"`` per
+layer) and ``model.sliding_window``. Heads of sliding layers are not profiled: their record is
+``{"stability": null, "labels": ["sliding", null], "pivot": null, "weight": null}`` (role
+``"sliding"``: never full, pivot or satellite; budgets as other methods give them, capped at the
+window). A model without sliding layers is still written as format 1 (same content, every layer
+full attention); both formats load.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ from pathlib import Path
 from typing import Any
 
 FORMAT = "heterocache.profile/1"
+FORMAT_HYBRID = "heterocache.profile/2"
+FORMATS = (FORMAT, FORMAT_HYBRID)
+FULL, SLIDING = "full_attention", "sliding_attention"
 TEMPORAL = ("anchor", "volatile")
 CLUSTER = ("pivot", "satellite")
 ROLES = ("anchor", "volatile", "pivot", "satellite")
@@ -36,13 +46,14 @@ class HeadRecord:
 
     layer: int
     head: int
-    stability: float
+    stability: float | None  # None for heads of sliding-window layers (not profiled)
     labels: tuple[str, str | None]
     pivot: int | None = None
     weight: float | None = None
 
     @property
     def role(self) -> str:
+        """``"anchor"|"volatile"|"pivot"|"satellite"``, or ``"sliding"`` for a sliding-window layer's head."""
         return self.labels[1] or self.labels[0]
 
     @property
@@ -65,6 +76,8 @@ class HeadProfile:
     format: str = field(default=FORMAT)
 
     def __post_init__(self) -> None:
+        if self.model.get("layer_types") and SLIDING in self.model["layer_types"]:
+            self.format = FORMAT_HYBRID
         _validate(self, "<HeadProfile>")
 
     # -- accessors ---------------------------------------------------------------------------
@@ -75,6 +88,16 @@ class HeadProfile:
     @property
     def n_kv_heads(self) -> int:
         return len(self.heads[0]) if self.heads else 0
+
+    @property
+    def layer_types(self) -> list[str]:
+        """``"full_attention"|"sliding_attention"`` per layer (format 1: all full attention)."""
+        return list(self.model.get("layer_types") or [FULL] * self.n_layers)
+
+    def layer_windows(self) -> list[int | None]:
+        """Sliding window per layer, None for full attention (as ``heterocache.models.layer_windows``)."""
+        window = self.model.get("sliding_window")
+        return [window if kind == SLIDING else None for kind in self.layer_types]
 
     def role(self, layer: int, head: int) -> str:
         """``"anchor"|"volatile"|"pivot"|"satellite"`` of one KV head."""
@@ -98,7 +121,7 @@ class HeadProfile:
     def counts(self, layer: int | None = None) -> dict[str, int]:
         """Heads per role, for the whole model or one layer."""
         rows = self.heads if layer is None else [self.heads[layer]]
-        out = dict.fromkeys(ROLES, 0)
+        out = dict.fromkeys(ROLES + (("sliding",) if SLIDING in self.layer_types else ()), 0)
         for row in rows:
             for h in row:
                 out[h.role] += 1
@@ -123,8 +146,8 @@ class HeadProfile:
         fmt = data.get("format")
         if fmt is None:
             raise ValueError(f"{source}: not a heterocache profile (no 'format' field; expected {FORMAT!r})")
-        if fmt != FORMAT:
-            raise ValueError(f"{source}: unsupported profile format {fmt!r}; this version reads {FORMAT!r}")
+        if fmt not in FORMATS:
+            raise ValueError(f"{source}: unsupported profile format {fmt!r}; this version reads {list(FORMATS)}")
         for key in ("model", "settings", "heads"):
             if key not in data:
                 raise ValueError(f"{source}: missing field {key!r}")
@@ -175,7 +198,7 @@ class HeadProfile:
 
     def check_model(self, model) -> None:
         """Raise ValueError if this profile was made for a different model (shape or weights)."""
-        from heterocache.models import model_geometry
+        from heterocache.models import layer_windows, model_geometry
 
         geometry = model_geometry(model)
         for key in ("n_layers", "n_kv_heads", "head_dim"):
@@ -184,6 +207,11 @@ class HeadProfile:
                     f"profile was made for another model: {key}={self.model[key]} in the profile "
                     f"({self.model['name']!r}), {geometry[key]} in the given model; profile it with profile_heads()"
                 )
+        if self.layer_windows() != layer_windows(model):
+            raise ValueError(
+                f"profile was made for another attention layout: sliding windows {self.layer_windows()} in the "
+                f"profile, {layer_windows(model)} in the given model; profile it with profile_heads()"
+            )
         fingerprint = model_fingerprint(model)
         if fingerprint != self.model["fingerprint"]:
             raise ValueError(
@@ -194,8 +222,8 @@ class HeadProfile:
 
 
 def _validate(profile: HeadProfile, source: str) -> None:
-    if profile.format != FORMAT:
-        raise ValueError(f"{source}: unsupported profile format {profile.format!r}; expected {FORMAT!r}")
+    if profile.format not in FORMATS:
+        raise ValueError(f"{source}: unsupported profile format {profile.format!r}; expected one of {list(FORMATS)}")
     model = profile.model
     if not isinstance(model, dict):
         raise ValueError(f"{source}: 'model' must be an object with {list(MODEL_KEYS)}")
@@ -212,9 +240,29 @@ def _validate(profile: HeadProfile, source: str) -> None:
         shape = [len(row) for row in heads]
         raise ValueError(f"{source}: 'heads' has per-layer lengths {shape}, expected {model['n_layers']} "
                          f"layers x {model['n_kv_heads']} KV heads")
+    types = model.get("layer_types")
+    if profile.format == FORMAT_HYBRID:
+        if types is None:
+            raise ValueError(f"{source}: unsupported profile format {profile.format!r} without model.layer_types "
+                             "(format 2 records the layer types of hybrid models)")
+        if not isinstance(types, list) or len(types) != model["n_layers"] or not set(types) <= {FULL, SLIDING}:
+            raise ValueError(f"{source}: model.layer_types must list {FULL!r} or {SLIDING!r} for each of the "
+                             f"{model['n_layers']} layers, got {types!r}")
+        window = model.get("sliding_window")
+        if SLIDING in types and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+            raise ValueError(f"{source}: model.sliding_window must be a positive integer, got {window!r}")
     for li, row in enumerate(heads):
+        sliding = profile.format == FORMAT_HYBRID and types[li] == SLIDING
         for hi, h in enumerate(row):
-            _validate_head(h, li, hi, row, f"{source}: heads[{li}][{hi}]")
+            where = f"{source}: heads[{li}][{hi}]"
+            if sliding or h.labels[0] == "sliding":
+                if not sliding or h.labels != ("sliding", None) or (h.stability, h.pivot, h.weight) != (None,) * 3:
+                    raise ValueError(f"{where}: heads of sliding-window layers (and only those) have labels "
+                                     "['sliding', null] and null stability, pivot and weight")
+                if (h.layer, h.head) != (li, hi):
+                    raise ValueError(f"{where} says layer={h.layer!r}, head={h.head!r}; expected {li}, {hi}")
+                continue
+            _validate_head(h, li, hi, row, where)
         for h in row:  # after every head is known to be well formed
             if h.role == "pivot" and not any(o.pivot == h.head for o in row):
                 raise ValueError(f"{source}: heads[{li}][{h.head}]: pivot head has no satellite")

@@ -6,7 +6,9 @@ and their full prefill K/V in a slower tier, refreshed from it when their pivot'
 (``runtime.py``; tiers in ``tiers.py``). Budgets (:func:`heterocache.budget.allocate`) follow
 docs/DESIGN.md s.2: full heads take ``T`` each and anchors + satellites share the rest in
 proportion to their profile weights (less stable heads get more), water-filled so the total is
-exactly ``round(keep * T * n_layers * n_kv_heads)``.
+exactly ``round(keep * T * n_layers * n_kv_heads)``. Hybrid models: heads of sliding-window layers
+have the fixed role ``"sliding"`` (not profiled): compressed, capped at ``min(T, W - 1)``, scored
+like anchors over the window without sinks; stars and the drift runtime cover full-attention layers only.
 """
 
 from __future__ import annotations
@@ -130,6 +132,9 @@ class HeteroCache(Method):
         if (self.profile.n_layers, self.profile.n_kv_heads) != (geometry["n_layers"], geometry["n_kv_heads"]):
             raise ValueError(f"profile has {self.profile.n_layers} layers x {self.profile.n_kv_heads} KV heads; "
                              f"the model has {geometry['n_layers']} x {geometry['n_kv_heads']}")
+        if self.profile.layer_windows() != list(cache.layer_windows):
+            raise ValueError(f"profile has sliding windows {self.profile.layer_windows()} per layer; the cache has "
+                             f"{list(cache.layer_windows)}: profile this model with profile_heads()")
         self.close()
         self.plans: dict[tuple[float, int], tuple[list[list[int]], list[list[bool]]]] = {}
         settings = Settings(self.steps, self.topk, self.drift_threshold, self.retrieval, self.offload,
@@ -155,9 +160,10 @@ class HeteroCache(Method):
             return keep
         scores = window_votes(ctx, self.window, self.kernel, self.pooling, "mean")
         recent = recent_tokens(ctx.budget, self.window, self.recent_fraction)
-        chosen = select_with_forced(scores, ctx.valid, ctx.budget, self.sinks, recent)
+        sinks = 0 if ctx.window is not None else self.sinks  # the model's first tokens are out of reach
+        chosen = select_with_forced(scores, ctx.valid, ctx.budget, sinks, recent)
         keep = torch.where(full[..., None], keep, chosen)
-        if self.runtime is not None:
+        if self.runtime is not None and ctx.window is None:
             self.runtime.watch(ctx, full)
         return keep
 
