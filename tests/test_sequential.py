@@ -54,6 +54,9 @@ class ScriptedModel:
         self.device = torch.device("cpu")
 
     def __call__(self, input_ids, **kwargs):
+        return self.forward(input_ids, **kwargs)
+
+    def forward(self, input_ids, past_key_values=None, **kwargs):
         self.fed.extend(input_ids[0].tolist())
         text = self.tok.decode(self.fed)
         turn = text.count("<|im_start|>assistant\n")
