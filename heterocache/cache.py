@@ -340,7 +340,7 @@ class HeadwiseCache(Cache):
         Sliding-window layers attend through their rings' position masks (``layer.window``)."""
         hooks = self.keep < 1.0  # keep=1.0 is FullKV, during decode too
         if hooks:
-            self.method.before_decode_attention(layer)
+            self.method.before_decode_attention(layer, query)
         first_query = layer.seen - query.shape[2]
         out = decode_attention(query, layer.buckets, layer.n_kv_heads, scaling, self.attention_backend, first_query)
         layer.decode_steps += 1

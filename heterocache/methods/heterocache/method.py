@@ -167,7 +167,7 @@ class HeteroCache(Method):
             self.runtime.watch(ctx, full)
         return keep
 
-    def before_decode_attention(self, layer) -> None:
+    def before_decode_attention(self, layer, queries) -> None:
         if self.runtime is not None:
             self.runtime.apply_pending(layer)
 
