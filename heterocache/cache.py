@@ -66,6 +66,7 @@ class HeadwiseLayer(CacheLayerMixin):
         self.prefill_len = 0
         self.batch = self.n_kv_heads = self.head_dim = 0
         self.decode_steps = 0
+        self.version = 0  # bumped by every store()
 
     # --- transformers layer API -------------------------------------------------------------
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -145,6 +146,7 @@ class HeadwiseLayer(CacheLayerMixin):
         self.batch, self.n_kv_heads, self.head_dim = b, h, d
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
+        self.version += 1  # slot layout changed (methods that address storage slots re-map them)
         flat_keep = keep.reshape(b * h, length)
         counts = flat_keep.sum(-1)
         count_list = counts.tolist()

@@ -207,8 +207,9 @@ def test_async_equals_sync_repeated():
 
 def test_profile_errors():
     model = tiny_model()
-    with pytest.raises(ValueError, match="profile="):
-        hc.make_cache(model, "heterocache", 0.5)
+    with pytest.raises(ValueError, match="profile="):  # the paper's mechanism needs the head profile
+        hc.make_cache(model, "heterocache", 0.5, retrieval="async")
+    hc.make_cache(model, "heterocache", 0.5).close()  # the default (dynamic retrieval) needs none
     profile = make_profile([["pivot", "satellite"]] * 2, model_fingerprint(model))
     with pytest.raises(ValueError, match="another model"):
         hc.make_cache(tiny_model(layers=3), "heterocache", 0.5, profile=profile)

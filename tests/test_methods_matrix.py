@@ -8,6 +8,7 @@ never stored, and ``keep=1.0`` generates exactly FullKV's tokens.
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -17,12 +18,14 @@ from transformers import DynamicCache
 import heterocache as hc
 from heterocache.budget import sliding_cap, total_budget
 from heterocache.hf import cache_kwargs
+from heterocache.methods.heterocache.dynamic import summary_tokens
 from heterocache.models import layer_windows
 
 LENGTHS = [53, 30]  # odd prompt length, left padding in row 1
 NEW_TOKENS = 4
 EVICTS_DURING_DECODE = {"tova"}  # default options evict during decode: the cache size is what is exact
-METHODS = hc.available_methods()
+PAPER = "heterocache[paper]"  # the paper's mechanism: profile roles, drift-triggered satellite refresh
+METHODS = [*hc.available_methods(), PAPER]
 
 
 @functools.cache
@@ -47,12 +50,26 @@ def _profile(family: str) -> hc.HeadProfile:
                             progress=False, stable_threshold=0.0, sim_threshold=0.0)
 
 
-def _options(family: str, method: str) -> dict:
-    # retrieval "sync" with a check every step: the drift path runs inside the matrix as well; no sinks, so
-    # keep 0.1 of the 30-token row (12 tokens for 4 heads) still meets heterocache's floor of sinks + 1 per head
-    if method != "heterocache":
-        return {}
-    return {"profile": _profile(family), "steps": 1, "retrieval": "sync", "sinks": 0, "window": 4}
+def _options(method: str, profile) -> tuple[str, dict]:
+    """``(registered name, options)`` of a matrix entry.
+
+    heterocache (dynamic retrieval, the default): no sinks and a 1-token recent window, so keep 0.1 of the
+    30-token row still meets its floor of sinks + window + 1 per head after paying for the page summaries.
+    The paper's mode: retrieval "sync" with a check every step, so the drift path runs inside the matrix."""
+    if method == "heterocache":
+        return method, {"sinks": 0, "window": 1}
+    if method == PAPER:
+        return "heterocache", {"profile": profile, "steps": 1, "retrieval": "sync", "sinks": 0, "window": 4}
+    return method, {}
+
+
+def _expected(method: str, keep: float, n: int, n_layers: int, n_kv: int, retrieving_layers: int) -> int:
+    """Kept prompt entries of one row: the total of DESIGN s.2, minus heterocache's page summaries
+    (paid from the budget by the heads of full-attention layers, 16-token pages, bf16 vs fp32 K/V)."""
+    total = total_budget(keep, n, n_layers, n_kv)
+    if method == "heterocache" and keep < 1.0:
+        total -= math.ceil(summary_tokens(n, 16, 2, 4) * retrieving_layers * n_kv)
+    return total
 
 
 @functools.cache
@@ -71,10 +88,11 @@ CASES = [(m, k) for m in METHODS for k in (1.0, 0.5, 0.1) if m != "full" or k ==
 def test_method_matrix(family, method, keep):
     model = _model(family)
     ids, mask = left_padded_batch(LENGTHS)
-    cache = hc.make_cache(model, method, keep, **_options(family, method))
+    name, options = _options(method, _profile(family) if method == PAPER else None)
+    cache = hc.make_cache(model, name, keep, **options)
     out = _generate(model, ids, mask, cache)
     n_layers, n_kv = model.config.num_hidden_layers, model.config.num_key_value_heads
-    expected = [total_budget(keep, n, n_layers, n_kv) for n in LENGTHS]
+    expected = [_expected(method, keep, n, n_layers, n_kv, n_layers) for n in LENGTHS]
     prompt_len = ids.shape[1]
     kept = torch.stack([layer.kept_prompt_tokens() for layer in cache.layers])  # (layers, B, Hkv)
     stored = torch.stack([layer.padded()[3] for layer in cache.layers])
@@ -146,17 +164,17 @@ def test_hybrid_method_matrix(family, method, keep):
     reachable tokens; rings never exceed W entries per head during decode."""
     model = _hybrid_model(family)
     ids, mask = left_padded_batch(LENGTHS)
-    options = {"profile": _hybrid_profile(family), "steps": 1, "retrieval": "sync", "sinks": 0, "window": 4} \
-        if method == "heterocache" else {}
+    name, options = _options(method, _hybrid_profile(family) if method == PAPER else None)
     windows = layer_windows(model)
     n_layers, n_kv = len(windows), model.config.num_key_value_heads
     prompt_len = ids.shape[1]
 
-    prefill = hc.make_cache(model, method, keep, **options)
+    prefill = hc.make_cache(model, name, keep, **options)
     with torch.no_grad():  # one new token: the prefill only, before any ring overwrite
         model.generate(ids, attention_mask=mask, **cache_kwargs(prefill, model), max_new_tokens=1, do_sample=False)
     capacity = [n_kv * sum(sliding_cap(n, w) for w in windows) for n in LENGTHS]
-    expected = [min(total_budget(keep, n, n_layers, n_kv), c) for n, c in zip(LENGTHS, capacity)]
+    retrieving = sum(w is None for w in windows)
+    expected = [min(_expected(method, keep, n, n_layers, n_kv, retrieving), c) for n, c in zip(LENGTHS, capacity)]
     kept = torch.stack([layer.kept_prompt_tokens() for layer in prefill.layers])  # (layers, B, Hkv)
     assert kept.sum(dim=(0, 2)).tolist() == expected
     for layer, window in zip(prefill.layers, windows):
@@ -166,7 +184,7 @@ def test_hybrid_method_matrix(family, method, keep):
             assert not ((positions >= 0) & (positions <= prompt_len - window)).any()
             assert bool((layer.kept_prompt_tokens() <= WINDOW - 1).all())
 
-    cache = hc.make_cache(model, method, keep, **options)
+    cache = hc.make_cache(model, name, keep, **options)
     out = _generate(model, ids, mask, cache)
     if keep == 1.0:
         assert torch.equal(out, _hybrid_reference(family))

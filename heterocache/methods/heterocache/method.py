@@ -1,40 +1,78 @@
-"""HeteroCache (ACL 2026): heterogeneous per-head budgets + drift-triggered retrieval.
+"""HeteroCache: per-head compressed KV cache with retrieval from a slower tier.
 
-Roles come from a :class:`~heterocache.profiling.profile.HeadProfile`: volatile and pivot heads
-keep every token; anchors keep a fixed set chosen at prefill; satellites keep a set on the device
-and their full prefill K/V in a slower tier, refreshed from it when their pivot's attention drifts
-(``runtime.py``; tiers in ``tiers.py``). Budgets (:func:`heterocache.budget.allocate`) follow
-docs/DESIGN.md s.2: full heads take ``T`` each and anchors + satellites share the rest in
-proportion to their profile weights (less stable heads get more), water-filled so the total is
-exactly ``round(keep * T * n_layers * n_kv_heads)``. Hybrid models: heads of sliding-window layers
-have the fixed role ``"sliding"`` (not profiled): compressed, capped at ``min(T, W - 1)``, scored
-like anchors over the window without sinks; stars and the drift runtime cover full-attention layers only.
+Two mechanisms, one option apart (``retrieval``):
+
+- ``"dynamic"`` (default, measured best on our models; docs/DESIGN.md s.5): every compressed head
+  keeps a static part (sinks, recent tokens, the best tokens by expected attention of future
+  queries, ``expected.py``) and ``dynamic_share`` of its budget as slots refilled before every
+  decode step with the prompt tokens that step's own queries point at, scored on the device from
+  page summaries and fetched from the head's full prompt K/V in the slow tier (``dynamic.py``).
+  No head profile is needed; budgets are uniform (or profile-weighted with ``weighting="profile"``).
+- ``"async"`` / ``"sync"`` / ``"off"``: the paper's mechanism (ACL 2026, spec/heterocache.md).
+  Roles come from a :class:`~heterocache.profiling.profile.HeadProfile`: volatile and pivot heads
+  keep every token; anchors keep a fixed set chosen at prefill; satellites keep a set on the device
+  and their full prefill K/V in a slower tier, refreshed from it when their pivot's attention
+  drifts (``drift.py``; tiers in ``tiers.py``). Budgets (:func:`heterocache.budget.allocate`):
+  full heads take ``T`` each, anchors + satellites share the rest by profile weights.
+
+Both follow docs/DESIGN.md s.2 (the kept prompt entries sum to ``round(keep * T * L * H)``; in
+dynamic mode minus the token-equivalent of the page summaries, so the device bytes match). Hybrid
+models: heads of sliding-window layers are compressed over their window without sinks, never
+retrieve, and (paper mode) have the fixed role ``"sliding"``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from heterocache.budget import allocate
+from heterocache.budget import allocate, total_budget, weighted_budgets
 from heterocache.methods.base import DecodeContext, Method, PrefillContext, check_choice, check_range
-from heterocache.methods.heterocache.runtime import Runtime, Settings, recent_tokens
+from heterocache.methods.heterocache.drift import Runtime, Settings, recent_tokens
+from heterocache.methods.heterocache.dynamic import DynamicRetrieval, DynamicSettings, summary_tokens
+from heterocache.methods.heterocache.expected import expected_attention, rope_inv_freq
 from heterocache.methods.heterocache.tiers import TIERS, check_directory
-from heterocache.methods.scoring import select_with_forced
+from heterocache.methods.scoring import select_with_forced, topk_mask
 from heterocache.methods.snapkv import check_window_options, window_votes
+
+DRIFT_MODES = ("async", "sync", "off")
+SUMMARY_DTYPES = ("bfloat16", "float16", "float32")
 
 
 @dataclass
 class HeteroCache(Method):
-    """HeteroCache: anchor / volatile / pivot / satellite heads with per-head budgets.
+    """HeteroCache: per-head budgets, each head's own retrieval from the slow tier (see the module).
 
     Parameters
     ----------
+    retrieval : str
+        ``"dynamic"`` (default): per-step query-driven refill of each compressed head's dynamic
+        slots. The paper's drift-triggered satellite refresh: ``"async"`` (worker thread / CUDA
+        copy stream), ``"sync"``; ``"off"``: the paper's static heterogeneous cache.
+    dynamic_share : float
+        Dynamic mode: share of each compressed head's budget that is refilled every step (0.75).
+    page : int
+        Dynamic mode: prompt tokens per page summary (16).
+    summary_dtype : str
+        Dynamic mode: storage dtype of the page summaries (``"bfloat16"``; their bytes are paid
+        out of the budget).
+    stick : float
+        Dynamic mode: score bonus of tokens already resident (0: none); larger values move fewer
+        bytes per step at a small loss of fidelity.
+    scorer : str | None
+        Static prefill scores of compressed heads: ``"expected"`` (expected attention of future
+        queries x value norm; needs RoPE; default in dynamic mode) or ``"votes"`` (SnapKV window
+        votes; default in the paper's modes and on sliding-window layers).
+    expected_window, expected_future : int
+        Expected attention: prompt queries whose statistics are used (64) and future positions the
+        RoPE rotation is averaged over (512).
     profile : HeadProfile | str | None
-        The head profile (object or JSON path). ``None``: the cached profile of the embedded model.
+        The head profile (object or JSON path); the paper's modes need it (``None``: the cached
+        profile of the embedded model), dynamic mode only with ``weighting="profile"``.
     steps : int
         Drift-check period in decode tokens (paper: 5).
     topk : int | None
@@ -44,14 +82,14 @@ class HeteroCache(Method):
     drift_threshold : float | str
         Overlap below which satellites are refreshed (paper: 0.5). ``"auto"``: per pivot, its own
         calibrated stability ``S_p`` (the overlap it typically keeps), so only unusual drift fires.
-    retrieval : str
-        ``"async"`` (worker thread / CUDA copy stream), ``"sync"`` or ``"off"`` (static cache).
     offload : str
-        Slow tier of the satellites' full copies: ``"host"``, ``"disk"`` or ``"none"`` (device).
+        Slow tier of the full prompt copies (dynamic: every compressed head; paper: satellites):
+        ``"host"``, ``"disk"`` or ``"none"`` (device).
     offload_dir : str | None
         Directory for the disk tier (default: a temporary directory removed on reset).
-    weighting : str
-        ``"profile"`` (stability weights) or ``"uniform"`` (ablation).
+    weighting : str | None
+        Budget split over compressed heads: ``"profile"`` (stability weights; default in the
+        paper's modes) or ``"uniform"`` (default in dynamic mode).
     max_full_share : float
         Largest share of the total budget that full heads (volatile, pivot) may take; beyond it
         the most stable full heads are demoted to compressed ones (1.0 = the paper's rule, which
@@ -67,16 +105,24 @@ class HeteroCache(Method):
     """
 
     name = "heterocache"
-    description = "HeteroCache: per-head roles and budgets from a profile, drift-triggered retrieval"
+    description = ("HeteroCache: per-head static part + slots refilled every step from the slow tier "
+                   "(retrieval='async': the paper's drift-triggered satellites)")
 
+    retrieval: str = "dynamic"
+    dynamic_share: float = 0.75
+    page: int = 16
+    summary_dtype: str = "bfloat16"
+    stick: float = 0.0
+    scorer: Any = None
+    expected_window: int = 64
+    expected_future: int = 512
     profile: Any = None
     steps: int = 5
     topk: Any = None
     drift_threshold: Any = 0.5
-    retrieval: str = "async"
     offload: str = "host"
     offload_dir: Any = None
-    weighting: str = "profile"
+    weighting: Any = None
     max_full_share: float = 0.5
     window: int = 32
     kernel: int = 7
@@ -84,11 +130,28 @@ class HeteroCache(Method):
     sinks: int = 4
     recent_fraction: float = 0.0
 
+    def __post_init__(self) -> None:
+        self.inv_freq: torch.Tensor | None = None  # RoPE frequencies (bind_model)
+        self.kv_bytes = 4  # bytes per key/value element (bind_model)
+
+    @property
+    def dynamic(self) -> bool:
+        return self.retrieval == "dynamic"
+
     def validate(self) -> None:
         from heterocache.profiling.profile import HeadProfile
 
+        check_choice("retrieval", self.retrieval, ("dynamic", *DRIFT_MODES))
         if self.profile is not None and not isinstance(self.profile, (str, Path, HeadProfile)):
             raise ValueError(f"profile must be a HeadProfile or a JSON path, got {type(self.profile).__name__}")
+        check_range("dynamic_share", self.dynamic_share, 0, 1)
+        check_range("page", self.page, 1)
+        check_choice("summary_dtype", self.summary_dtype, SUMMARY_DTYPES)
+        check_range("stick", self.stick, 0)
+        if self.scorer is not None:
+            check_choice("scorer", self.scorer, ("expected", "votes"))
+        check_range("expected_window", self.expected_window, 1)
+        check_range("expected_future", self.expected_future, 1)
         check_range("steps", self.steps, 1)
         if self.topk is not None and (isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 1):
             raise ValueError(f"topk={self.topk!r} must be None or an integer >= 1")
@@ -96,83 +159,152 @@ class HeteroCache(Method):
             if isinstance(self.drift_threshold, bool) or not isinstance(self.drift_threshold, (int, float)):
                 raise ValueError(f"drift_threshold={self.drift_threshold!r} must be a number or 'auto'")
             check_range("drift_threshold", self.drift_threshold, 0)
-        check_choice("retrieval", self.retrieval, ("async", "sync", "off"))
         check_choice("offload", self.offload, TIERS)
         if self.offload_dir is not None:
             if self.offload != "disk":
                 raise ValueError(f"offload_dir is only used with offload='disk' (offload={self.offload!r})")
             check_directory(self.offload_dir)
-        check_choice("weighting", self.weighting, ("profile", "uniform"))
+        if self.weighting is not None:
+            check_choice("weighting", self.weighting, ("profile", "uniform"))
         check_range("max_full_share", self.max_full_share, 0, 1, low_open=True)
         check_window_options(self.window, self.kernel, self.pooling)
         check_range("sinks", self.sinks, 0)
         check_range("recent_fraction", self.recent_fraction, 0, 1)
 
+    @property
+    def split(self) -> str:
+        return self.weighting or ("uniform" if self.dynamic else "profile")
+
     def bind_model(self, model) -> None:
-        """Resolve ``profile`` (object, JSON path, or the embedded model's cached profile) and check it."""
+        """Resolve ``profile`` (object, JSON path, or the embedded model's cached profile) when this mode
+        uses it, and read the model's RoPE frequencies and KV element size."""
         from heterocache.models import is_embedded, load_embedded_tokenizer
         from heterocache.profiling.profile import HeadProfile
 
+        self.inv_freq = rope_inv_freq(model)
+        self.kv_bytes = next(model.parameters()).element_size()
+        if self.scorer == "expected" and self.inv_freq is None:
+            raise ValueError("scorer='expected' needs a RoPE model (rotary_emb.inv_freq); use scorer='votes'")
+        if self.dynamic and self.split == "uniform" and self.profile is None:
+            return  # dynamic mode with uniform budgets needs no profile
         if isinstance(self.profile, (str, Path)):
             self.profile = HeadProfile.load(self.profile)
         elif self.profile is None:
             if not is_embedded(model):
                 raise ValueError("heterocache needs profile= for this model: run `heterocache profile --model M "
-                                 "--out profile.json` or hc.profile_heads(model, tokenizer) once, then pass it")
+                                 "--out profile.json` or hc.profile_heads(model, tokenizer) once, then pass it "
+                                 "(or use retrieval='dynamic' with weighting='uniform', which needs none)")
             from heterocache.profiling.api import profile_heads
 
             self.profile = profile_heads(model, load_embedded_tokenizer())
         self.profile.check_model(model)
 
     def setup(self, cache) -> None:
-        if self.profile is None:
+        needs_profile = not self.dynamic or self.split == "profile"
+        if needs_profile and self.profile is None:
             raise ValueError("heterocache needs profile=: a HeadProfile or a JSON path "
                              "(make one with hc.profile_heads(model, tokenizer) or `heterocache profile`)")
-        geometry = cache.model_geometry
-        if (self.profile.n_layers, self.profile.n_kv_heads) != (geometry["n_layers"], geometry["n_kv_heads"]):
-            raise ValueError(f"profile has {self.profile.n_layers} layers x {self.profile.n_kv_heads} KV heads; "
-                             f"the model has {geometry['n_layers']} x {geometry['n_kv_heads']}")
-        if self.profile.layer_windows() != list(cache.layer_windows):
-            raise ValueError(f"profile has sliding windows {self.profile.layer_windows()} per layer; the cache has "
-                             f"{list(cache.layer_windows)}: profile this model with profile_heads()")
+        if self.profile is not None:
+            geometry = cache.model_geometry
+            if (self.profile.n_layers, self.profile.n_kv_heads) != (geometry["n_layers"], geometry["n_kv_heads"]):
+                raise ValueError(f"profile has {self.profile.n_layers} layers x {self.profile.n_kv_heads} KV heads; "
+                                 f"the model has {geometry['n_layers']} x {geometry['n_kv_heads']}")
+            if self.profile.layer_windows() != list(cache.layer_windows):
+                raise ValueError(f"profile has sliding windows {self.profile.layer_windows()} per layer; the cache "
+                                 f"has {list(cache.layer_windows)}: profile this model with profile_heads()")
         self.close()
+        self.layer_windows = list(cache.layer_windows)
+        self.n_kv_heads = cache.n_kv_heads
         self.plans: dict[tuple[float, int], tuple[list[list[int]], list[list[bool]]]] = {}
-        settings = Settings(self.steps, self.topk, self.drift_threshold, self.retrieval, self.offload,
-                            self.offload_dir, self.sinks, self.window, self.recent_fraction)
-        self.runtime = Runtime(settings, self.profile) if self.retrieval != "off" else None
+        self.runtime: Runtime | DynamicRetrieval | None = None
+        if self.dynamic:
+            self.runtime = DynamicRetrieval(DynamicSettings(self.page, self.stick, getattr(torch, self.summary_dtype),
+                                                            self.offload, self.offload_dir))
+        elif self.retrieval != "off":
+            settings = Settings(self.steps, self.topk, self.drift_threshold, self.retrieval, self.offload,
+                                self.offload_dir, self.sinks, self.window, self.recent_fraction)
+            self.runtime = Runtime(settings, self.profile)
 
+    # --- budgets -------------------------------------------------------------------------------
     def plan(self, keep: float, prompt_len: int) -> tuple[list[list[int]], list[list[bool]]]:
         """``(budgets [L][H], full [L][H])`` for one prompt length (computed once per cache)."""
         key = (keep, prompt_len)
         if key not in self.plans:
-            self.plans[key] = allocate(self.profile, keep, prompt_len, self.weighting, self.sinks + 1,
-                                       self.max_full_share)
+            if self.dynamic:
+                self.plans[key] = self._dynamic_plan(keep, prompt_len)
+            else:
+                self.plans[key] = allocate(self.profile, keep, prompt_len, self.split, self.sinks + 1,
+                                           self.max_full_share)
         return self.plans[key]
+
+    def _dynamic_plan(self, keep: float, prompt_len: int) -> tuple[list[list[int]], list[list[bool]]]:
+        """No full heads; the total minus the page summaries' token-equivalent, split uniformly (or by
+        profile weights) with at least ``sinks + window + 1`` tokens per head."""
+        n_layers, n_heads = len(self.layer_windows), self.n_kv_heads
+        if keep >= 1.0:  # FullKV: nothing to retrieve, no summaries
+            return [[prompt_len] * n_heads for _ in range(n_layers)], [[True] * n_heads for _ in range(n_layers)]
+        summary_bytes = torch.empty((), dtype=getattr(torch, self.summary_dtype)).element_size()
+        per_head = summary_tokens(prompt_len, self.page, summary_bytes, self.kv_bytes)
+        retrieving = sum(window is None for window in self.layer_windows) * n_heads
+        total = total_budget(keep, prompt_len, n_layers, n_heads) - math.ceil(per_head * retrieving)
+        floor = min(prompt_len, self.sinks + self.window + 1)
+        if total < floor * n_layers * n_heads:
+            raise ValueError(f"keep={keep} leaves {max(total, 0)} tokens (after the page summaries) for "
+                             f"{n_layers * n_heads} heads; heterocache needs {floor} per head for a {prompt_len}-token "
+                             "prompt: raise keep, or use a larger page")
+        heads = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+        if self.split == "profile":
+            records = {(h.layer, h.head): h for row in self.profile.heads for h in row}
+            weights = [records[key].weight or 1.0 for key in heads]
+        else:
+            weights = [1.0] * len(heads)
+        shares = weighted_budgets(total, weights, [prompt_len] * len(heads), floor)
+        budgets = [shares[layer * n_heads:(layer + 1) * n_heads] for layer in range(n_layers)]
+        return budgets, [[False] * n_heads for _ in range(n_layers)]
 
     def budgets(self, keep: float, prompt_len: int, n_layers: int, n_kv_heads: int) -> list[list[int]]:
         return self.plan(keep, prompt_len)[0]
+
+    # --- prefill -------------------------------------------------------------------------------
+    def scores(self, ctx: PrefillContext) -> torch.Tensor:
+        """Static prefill scores ``(B, Hkv, T)``: expected attention or SnapKV votes (see ``scorer``)."""
+        scorer = self.scorer or ("expected" if self.dynamic and self.inv_freq is not None else "votes")
+        if scorer == "expected" and ctx.window is None:
+            return expected_attention(ctx.queries, ctx.keys, ctx.values, ctx.valid, ctx.scaling, self.inv_freq,
+                                      self.expected_window, self.expected_future)
+        return window_votes(ctx, self.window, self.kernel, self.pooling, "mean")
 
     def select(self, ctx: PrefillContext) -> torch.Tensor:
         full = torch.tensor([self.plan(ctx.keep, n)[1][ctx.layer_idx] for n in ctx.prompt_lengths.tolist()],
                             dtype=torch.bool, device=ctx.keys.device)  # (B, H)
         keep = ctx.keep_all()
-        if bool(full.all()):
+        if bool(full.all()) or ctx.keeps_everything():
             return keep
-        scores = window_votes(ctx, self.window, self.kernel, self.pooling, "mean")
+        scores = self.scores(ctx)
         recent = recent_tokens(ctx.budget, self.window, self.recent_fraction)
         sinks = 0 if ctx.window is not None else self.sinks  # the model's first tokens are out of reach
+        if isinstance(self.runtime, DynamicRetrieval) and ctx.window is None:
+            dynamic_count = (ctx.budget.float() * self.dynamic_share).long()
+            static = select_with_forced(scores, ctx.valid, ctx.budget - dynamic_count, sinks, recent)
+            # the first dynamic set: the next best prefill scores (replaced at the first decode step)
+            dynamic = topk_mask(scores, dynamic_count, ctx.valid[:, None, :] & ~static)
+            self.runtime.watch(ctx, list(range(ctx.n_kv_heads)), static, dynamic)
+            return static | dynamic
         chosen = select_with_forced(scores, ctx.valid, ctx.budget, sinks, recent)
         keep = torch.where(full[..., None], keep, chosen)
-        if self.runtime is not None and ctx.window is None:
+        if isinstance(self.runtime, Runtime) and ctx.window is None:
             self.runtime.watch(ctx, full)
         return keep
 
+    # --- decode --------------------------------------------------------------------------------
     def before_decode_attention(self, layer, queries) -> None:
-        if self.runtime is not None:
+        if isinstance(self.runtime, DynamicRetrieval):
+            self.runtime.before_attention(layer, queries)
+        elif self.runtime is not None:
             self.runtime.apply_pending(layer)
 
     def on_decode_step(self, ctx: DecodeContext) -> None:
-        if self.runtime is not None:
+        if isinstance(self.runtime, Runtime):
             self.runtime.observe(ctx)
 
     def stats(self) -> dict[str, Any]:

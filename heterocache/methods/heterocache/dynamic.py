@@ -1,0 +1,208 @@
+"""Query-driven retrieval for compressed heads: the default HeteroCache runtime (docs/DESIGN.md s.5).
+
+Every compressed head of a full-attention layer holds on the device, inside its kept-token budget:
+
+- a static part chosen at prefill (sinks, the most recent tokens, the best expected-attention rest);
+- ``count`` dynamic slots, refilled before the attention of every decode step with the prompt
+  tokens that this step's own queries point at, fetched from the head's full prompt K/V kept in
+  the slow tier (host memory or disk);
+- a page summary: the mean key of the non-static tokens of every ``page`` prompt positions, stored
+  in bf16, whose bytes ``method.budgets`` pays out of the kept-token budget.
+
+Selection per sequence (batch row x KV head): page score = max over the group's query rows of
+``scaling * q . mean_key`` (each row shifted by its own maximum), plus ``stick`` for tokens already
+resident (hysteresis: fewer bytes moved); the top pages' tokens fill the slots, static tokens and
+padding excluded. Only tokens not already resident count as moved.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from heterocache.methods.heterocache.tiers import Tier, make_tier
+
+
+@dataclass(frozen=True)
+class DynamicSettings:
+    page: int  # prompt tokens per summary page
+    stick: float  # log-score bonus of resident tokens
+    summary_dtype: torch.dtype  # storage dtype of the page summaries
+    offload: str  # slow tier of the full prompt K/V ("host", "disk", "none")
+    offload_dir: Any
+
+
+@dataclass
+class DynamicCounters:
+    """Reported by ``cache.stats()`` as ``retrieval_<name>``."""
+
+    refreshes: int = 0  # (layer, step) selections
+    tokens: int = 0  # tokens fetched that were not resident
+    bytes: int = 0  # bytes of keys + values of those tokens
+    select_s: float = 0.0  # time spent choosing + fetching + writing (on the decode critical path)
+
+    def as_stats(self) -> dict[str, float]:
+        return {f"retrieval_{f.name}": getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class LayerSlots:
+    """Dynamic-slot state of one layer: ``n`` sequences (batch row x compressed KV head)."""
+
+    seq: list[int]  # cache sequence ids b * Hkv + h
+    static: torch.Tensor  # (n, T) bool: prompt slots held statically
+    selectable: torch.Tensor  # (n, T) bool: valid and not static
+    resident: torch.Tensor  # (n, T) bool: prompt slots now in the dynamic slots
+    counts: torch.Tensor  # (n,) dynamic slots per sequence
+    width: int  # max(counts)
+    summaries: torch.Tensor  # (n, P, D) mean key per page (summary dtype)
+    has_page: torch.Tensor  # (n, P) bool: the page holds a selectable token
+    scaling: float
+    slots: torch.Tensor | None = None  # (n, width) storage slot of each dynamic slot
+    groups: list | None = None  # [(bucket index, member indices, bucket rows)]
+    version: int = -1  # the layer storage version ``slots`` was computed for
+
+
+def page_means(keys: torch.Tensor, selectable: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``keys (n, T, D)``, ``selectable (n, T)`` -> mean selectable key per page ``(n, P, D)`` fp32 and
+    ``has (n, P)``: the page holds a selectable token."""
+    n, length, d = keys.shape
+    pages = math.ceil(length / page)
+    pad = pages * page - length
+    k = torch.nn.functional.pad(keys.float(), (0, 0, 0, pad)).view(n, pages, page, d)
+    free = torch.nn.functional.pad(selectable, (0, pad), value=False).view(n, pages, page)
+    count = free.sum(-1, keepdim=True)
+    return (k * free[..., None]).sum(2) / count.clamp(min=1), count[..., 0] > 0
+
+
+def summary_tokens(prompt_len: int, page: int, summary_bytes: int, kv_bytes: int) -> float:
+    """Device cost of one head's page summaries in kept-token units (a token = a key and a value)."""
+    return math.ceil(prompt_len / page) * summary_bytes / (2 * kv_bytes)
+
+
+def choose(slots: LayerSlots, queries: torch.Tensor, page: int, stick: float) -> torch.Tensor:
+    """Prompt positions ``(n, width)`` for the dynamic slots from ``queries (n, R, D)`` (R = group x q)."""
+    bound = torch.einsum("nrd,npd->nrp", queries.float(), slots.summaries.float()) * slots.scaling
+    bound = bound.masked_fill(~slots.has_page[:, None], float("-inf"))
+    bound = bound - bound.amax(-1, keepdim=True).clamp(min=-1e30)
+    page_score = bound.amax(1)  # (n, P)
+    length = slots.static.shape[-1]
+    token = page_score.repeat_interleave(page, dim=-1)[:, :length]
+    # within a page prefer later tokens (recency); far below any gap between pages
+    token = token + torch.arange(length, device=token.device) * 1e-9
+    if stick:
+        token = token + stick * slots.resident
+    token = token.masked_fill(~slots.selectable, float("-inf"))
+    chosen = token.topk(slots.width, dim=-1).indices
+    if bool((slots.counts < slots.width).any()):  # shorter rows repeat their last real choice
+        arange = torch.arange(slots.width, device=chosen.device)[None, :]
+        last = chosen.gather(1, (slots.counts - 1).clamp(min=0)[:, None])
+        chosen = torch.where(arange < slots.counts[:, None], chosen, last)
+    return chosen
+
+
+class DynamicRetrieval:
+    def __init__(self, settings: DynamicSettings):
+        self.settings = settings
+        self.layers: dict[int, LayerSlots] = {}
+        self.tier: Tier | None = None
+        self.counters = DynamicCounters()
+        self.summary_bytes = 0
+
+    # --- prefill -------------------------------------------------------------------------------
+    def watch(self, ctx, heads: list[int], static: torch.Tensor, dynamic: torch.Tensor) -> None:
+        """Copy the full prompt K/V of ``heads`` (every batch row) to the tier and summarise them.
+
+        ``static``/``dynamic (B, len(heads), T)``: the prefill's static part and initial dynamic set.
+        """
+        b, _, length, d = ctx.keys.shape
+        if self.tier is None:
+            self.tier = make_tier(self.settings.offload, ctx.keys.device, self.settings.offload_dir)
+        keys = ctx.keys[:, heads].reshape(-1, length, d)
+        self.tier.put(ctx.layer_idx, keys, ctx.values[:, heads].reshape(-1, length, d))
+        static = static.reshape(-1, length)
+        selectable = ctx.valid[:, None, :].expand(-1, len(heads), -1).reshape(-1, length) & ~static
+        means, has = page_means(keys, selectable, self.settings.page)
+        summaries = means.to(self.settings.summary_dtype)
+        self.summary_bytes += summaries.numel() * summaries.element_size()
+        counts = dynamic.reshape(-1, length).sum(-1)
+        n_kv = ctx.n_kv_heads
+        self.layers[ctx.layer_idx] = LayerSlots(
+            seq=[row * n_kv + h for row in range(b) for h in heads], static=static, selectable=selectable,
+            resident=dynamic.reshape(-1, length).clone(), counts=counts, width=int(counts.max()),
+            summaries=summaries, has_page=has, scaling=ctx.scaling,
+        )
+
+    # --- decode --------------------------------------------------------------------------------
+    def _map_slots(self, layer, slots: LayerSlots) -> None:
+        """Storage slot of every dynamic slot, found by position (after each ``store`` of the layer)."""
+        found = torch.zeros(len(slots.seq), slots.width, dtype=torch.long, device=layer.device)
+        groups: dict[int, list[int]] = {}
+        for i, seq in enumerate(slots.seq):
+            bucket_index, row = layer.locate[seq]
+            bucket = layer.buckets[bucket_index]
+            n = int(bucket.lengths[row])
+            positions = bucket.positions[row, :n]
+            inside = (positions >= 0) & (positions < slots.resident.shape[-1])
+            mine = torch.nonzero(inside & slots.resident[i, positions.clamp(min=0, max=slots.resident.shape[-1] - 1)])
+            mine = mine.flatten()
+            count = int(slots.counts[i])
+            if len(mine) != count:
+                raise RuntimeError(f"layer {layer.layer_idx}: sequence {seq} holds {len(mine)} dynamic tokens, "
+                                   f"expected {count} (its storage was changed outside the method)")
+            if count:
+                found[i, :count] = mine
+                found[i, count:] = mine[-1]
+            groups.setdefault(bucket_index, []).append(i)
+        slots.slots = found
+        slots.groups = [(index, torch.tensor(members, device=layer.device),
+                         torch.tensor([layer.locate[slots.seq[i]][1] for i in members], device=layer.device))
+                        for index, members in groups.items()]
+        slots.version = layer.version
+
+    def before_attention(self, layer, queries: torch.Tensor) -> None:
+        """Refill ``layer``'s dynamic slots for this step's ``queries (B, Hq, q, D)``."""
+        slots = self.layers.get(layer.layer_idx)
+        if slots is None or not slots.width:
+            return
+        start = time.perf_counter()
+        if slots.version != layer.version:
+            self._map_slots(layer, slots)
+        b, hq, q, d = queries.shape
+        n_kv = layer.n_kv_heads
+        grouped = queries.reshape(b * n_kv, (hq // n_kv) * q, d)[slots.seq]
+        chosen = choose(slots, grouped, self.settings.page, self.settings.stick)
+        real = torch.arange(slots.width, device=chosen.device)[None, :] < slots.counts[:, None]
+        moved = int(((~slots.resident.gather(1, chosen)) & real).sum())
+        rows = torch.arange(len(slots.seq), device=chosen.device)
+        keys, values = self.tier.gather(layer.layer_idx, rows, chosen)
+        keys, values = keys.to(layer.device, non_blocking=True), values.to(layer.device, non_blocking=True)
+        for bucket_index, members, bucket_rows in slots.groups:
+            bucket = layer.buckets[bucket_index]
+            where = slots.slots[members]
+            bucket.keys[bucket_rows[:, None], where] = keys[members].to(bucket.keys.dtype)
+            bucket.values[bucket_rows[:, None], where] = values[members].to(bucket.values.dtype)
+            bucket.positions[bucket_rows[:, None], where] = chosen[members]
+        slots.resident.zero_()
+        slots.resident.scatter_(1, chosen, True)
+        self.counters.refreshes += 1
+        self.counters.tokens += moved
+        self.counters.bytes += 2 * moved * keys.shape[-1] * keys.element_size()
+        self.counters.select_s += time.perf_counter() - start
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = self.counters.as_stats()
+        out["device_bytes"] = self.summary_bytes
+        out["summary_bytes"] = self.summary_bytes
+        if self.tier is not None:
+            out[f"{self.tier.name}_bytes"] = out.get(f"{self.tier.name}_bytes", 0) + self.tier.nbytes()
+        return out
+
+    def close(self) -> None:
+        if self.tier is not None:
+            self.tier.close()
+        self.layers.clear()

@@ -1,0 +1,144 @@
+"""HeteroCache's default runtime: expected-attention static part + per-step query-driven dynamic slots."""
+
+from __future__ import annotations
+
+import math
+import types
+
+import pytest
+import torch
+from conftest import left_padded_batch, tiny_model
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+import heterocache as hc
+from heterocache.budget import total_budget
+from heterocache.cache import HeadwiseCache
+from heterocache.hf import cache_kwargs, headwise_attention
+from heterocache.methods.heterocache import HeteroCache
+from heterocache.methods.heterocache.dynamic import page_means, summary_tokens
+from heterocache.methods.heterocache.expected import expected_attention
+
+
+def _rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """transformers' own rotary embedding of ``x (1, 1, n, D)`` at ``positions (n,)``."""
+    angles = positions.double()[:, None] * inv_freq.double()[None, :]
+    emb = torch.cat((angles, angles), dim=-1)
+    out, _ = apply_rotary_pos_emb(x.double(), x.double(), emb.cos()[None], emb.sin()[None])
+    return out
+
+
+def test_expected_attention_matches_a_direct_computation():
+    gen = torch.Generator().manual_seed(3)
+    d, length, window, future = 8, 20, 6, 5
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    pre = torch.randn(1, 2, length, d, generator=gen)  # 2 query heads, 1 KV head
+    queries = torch.cat([_rope(pre[:, h:h + 1], torch.arange(length), inv_freq) for h in range(2)], 1).float()
+    keys = torch.randn(1, 1, length, d, generator=gen)
+    values = torch.randn(1, 1, length, d, generator=gen)
+    valid = torch.ones(1, length, dtype=torch.bool)
+    got = expected_attention(queries, keys, values, valid, 0.5, inv_freq, window, future, covariance=True,
+                             value_norm=True)
+    # direct: mean rotation from explicit rotation matrices of the future positions
+    basis = torch.eye(d)[None, None]
+    rotations = [_rope(basis, torch.full((d,), p), inv_freq)[0, 0].T for p in range(length, length + future)]
+    rbar = torch.stack(rotations).mean(0)  # maps a pre-RoPE vector to its mean future post-RoPE vector
+    rows = []
+    for h in range(2):
+        x = pre[0, h, length - window:].double()
+        mu, sigma = x.mean(0), torch.cov(x.T)
+        m, s = rbar @ mu, rbar @ sigma @ rbar.T
+        k = keys[0, 0].double()
+        logits = 0.5 * (k @ m) + 0.5 * 0.25 * torch.einsum("td,de,te->t", k, s, k)
+        rows.append(torch.softmax(logits, -1))
+    want = torch.stack(rows).mean(0) * values[0, 0].double().norm(dim=-1)
+    torch.testing.assert_close(got[0, 0].double(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_page_means_and_summary_cost():
+    keys = torch.arange(2 * 5 * 2, dtype=torch.float32).view(2, 5, 2)
+    selectable = torch.tensor([[True, False, True, True, True], [False, False, True, False, False]])
+    means, has = page_means(keys, selectable, 2)
+    torch.testing.assert_close(means[0], torch.stack([keys[0, 0], (keys[0, 2] + keys[0, 3]) / 2, keys[0, 4]]))
+    assert has.tolist() == [[True, True, True], [False, True, False]]
+    assert summary_tokens(3000, 16, 2, 4) == 188 * 2 / 8  # 188 pages, bf16 mean key vs fp32 key + value
+
+
+def _dynamic_setup(**options):
+    """One layer, 1 KV head; keys with hot regions A (10..13) and B (40..43)."""
+    d, length = 8, 64
+    method = HeteroCache(scorer="votes", window=2, sinks=0, page=4, dynamic_share=0.5, summary_dtype="float32",
+                         **options)
+    cache = HeadwiseCache(method, 24 / 64, n_layers=1, n_kv_heads=1, head_dim=d,
+                          geometry={"n_layers": 1, "n_kv_heads": 1, "head_dim": d})
+    u, v = torch.zeros(d), torch.zeros(d)
+    u[0], v[1] = 1.0, 1.0
+    gen = torch.Generator().manual_seed(0)
+    keys = 0.01 * torch.randn((1, 1, length, d), generator=gen)
+    keys[:, :, 10:14] += 8 * u
+    keys[:, :, 40:44] += 8 * v
+    values = torch.randn((1, 1, length, d), generator=gen)
+    module = types.SimpleNamespace(num_key_value_groups=1, is_causal=True, training=False)
+    return cache, module, keys, values, u, v
+
+
+def _step(cache, module, keys, values, query_dir):
+    layer = cache.layers[0]
+    query = (8 * query_dir).expand(1, 1, keys.shape[2], -1).contiguous()
+    pending, _ = layer.update(keys, values)
+    headwise_attention(module, query, pending, pending, None, scaling=1.0)
+
+
+def test_dynamic_slots_follow_the_query_and_are_fetched_exactly():
+    cache, module, keys, values, u, v = _dynamic_setup()
+    _step(cache, module, keys, values, u)  # prefill: 24 tokens - 8 for 16 fp32 page means = 8 static + 8 dynamic
+    _, _, positions, lengths = cache.layers[0].padded()
+    assert lengths.tolist() == [[16]]
+    new_k, new_v = torch.zeros((1, 1, 1, 8)), torch.zeros((1, 1, 1, 8))
+    _step(cache, module, new_k, new_v, v)  # the first decode query looks at region B
+    stored_k, stored_v, positions, lengths = cache.layers[0].padded()
+    held = positions[0, 0, : lengths[0, 0]].tolist()
+    assert set(range(40, 44)) <= set(held)  # the dynamic slots now hold region B, fetched before attention
+    for i, position in enumerate(held[:-1]):  # every prompt entry is the original K/V, bit-exact
+        assert torch.equal(stored_k[0, 0, i], keys[0, 0, position]) and torch.equal(stored_v[0, 0, i], values[0, 0, position])
+    assert held[-1] == 64  # the decoded token is appended after the prompt part
+    stats = cache.stats()
+    assert stats["retrieval_refreshes"] == 1 and stats["retrieval_tokens"] >= 4
+    assert stats["host_bytes"] == 2 * 64 * 8 * 4  # the head's full prompt K/V in the host tier
+    assert stats["summary_bytes"] == 16 * 8 * 4 and stats["device_bytes"] >= stats["summary_bytes"]
+    _step(cache, module, new_k, new_v, u)  # back to region A: swapped again
+    _, _, positions, lengths = cache.layers[0].padded()
+    assert set(range(10, 14)) <= set(positions[0, 0, : lengths[0, 0]].tolist())
+
+
+def test_dynamic_budget_pays_for_the_summaries_and_keep_one_is_exact():
+    model = tiny_model("llama", layers=2, heads=8, kv_heads=4)
+    ids, mask = left_padded_batch([200, 150], seed=4)
+    cache = hc.make_cache(model, "heterocache", 0.5, window=8, sinks=2)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, **cache_kwargs(cache, model), max_new_tokens=6,
+                             min_new_tokens=6, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 6
+    kept = torch.stack([layer.kept_prompt_tokens() for layer in cache.layers])  # (L, B, H)
+    for row, n in enumerate([200, 150]):
+        cost = math.ceil(summary_tokens(n, 16, 2, 4) * 2 * 4)  # 2 layers x 4 heads retrieve
+        assert int(kept[:, row].sum()) == total_budget(0.5, n, 2, 4) - cost
+    stats = cache.stats()
+    assert stats["retrieval_refreshes"] == 2 * 5  # every layer, every decode step after the first token
+    # padding is never fetched: row 1's first 50 slots stay out of every head
+    for layer in cache.layers:
+        positions = layer.padded()[2][1]
+        assert not ((positions >= 0) & (positions < 50)).any()
+    full = hc.make_cache(model, "heterocache", 1.0)
+    ref = hc.make_cache(model, "full", 1.0)
+    with torch.no_grad():
+        a = model.generate(ids, attention_mask=mask, **cache_kwargs(full, model), max_new_tokens=6, do_sample=False)
+        b = model.generate(ids, attention_mask=mask, **cache_kwargs(ref, model), max_new_tokens=6, do_sample=False)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("option,value,match", [("dynamic_share", 1.5, "dynamic_share=1.5"), ("page", 0, "page=0"),
+                                                ("summary_dtype", "int8", "summary_dtype='int8'"),
+                                                ("scorer", "oracle", "scorer='oracle'"), ("stick", -1.0, "stick=-1.0")])
+def test_dynamic_options_are_validated(option, value, match):
+    with pytest.raises(ValueError, match=match):
+        hc.make_cache(tiny_model(), "heterocache", 0.5, **{option: value})
