@@ -93,8 +93,10 @@ def cmd_generate(args) -> int:
 
 def cmd_demo(args) -> int:
     from heterocache.demo import run_demo
+    from heterocache.peers.kvpress import kvpress_available
 
-    return run_demo(methods=parse_methods(args.methods), keep=args.keep, out_dir=Path(args.out), length=args.length,
+    default = "full,snapkv,heterocache" + (",kvpress:expected_attention" if kvpress_available() else "")
+    return run_demo(methods=parse_methods(args.methods or default), keep=args.keep, out_dir=Path(args.out), length=args.length,
                     question_mode=args.question_mode)
 
 
@@ -124,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="main job on the embedded model: passkey retrieval per method")
-    p.add_argument("--methods", default="full,snapkv,heterocache")
+    p.add_argument("--methods", default=None, help="default: full,snapkv,heterocache (+ kvpress:expected_attention "
+                   "when kvpress is installed)")
     p.add_argument("--keep", type=keep_fraction, default=0.25)
     p.add_argument("--question-mode", choices=("decode", "prefill"), default="decode",
                    help="decode (default): ask the question after compression; prefill: inside the compressed prompt")

@@ -23,21 +23,18 @@ import torch
 def run_demo(methods: list[str], keep: float, out_dir: Path, length: int = 3000, question_mode: str = "decode",
              model_name: str | None = None) -> int:
     import heterocache as hc
+    from heterocache.eval.grid import Feeder
     from heterocache.eval.runner import generate_one
     from heterocache.eval.tasks import passkey
     from heterocache.eval.tasks.base import encode_prompt
 
-    unknown = [m for m in methods if m not in hc.available_methods()]
+    unknown = [m for m in methods if m not in hc.available_methods() and not m.startswith("kvpress:")]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {hc.available_methods()}")
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     model, tok = hc.load_model(model_name)
     print(f"model loaded in {time.perf_counter() - start:.1f}s")
-    if "heterocache" in methods:
-        start = time.perf_counter()
-        hc.make_cache(model, "heterocache", keep).close()  # resolves (and on first use calibrates) the profile
-        print(f"head profile ready in {time.perf_counter() - start:.1f}s (cached after the first run)")
     samples = list(passkey.load(tokenizer=tok, lengths=[length], samples=1, max_new_tokens=12))
     rows = []
     for method in methods:
@@ -45,7 +42,7 @@ def run_demo(methods: list[str], keep: float, out_dir: Path, length: int = 3000,
         answers, hits, kept, device, host, speeds, triggers, moved, steps = [], 0, [], [], [], [], 0, 0, 0
         for sample in samples:
             context_ids, rest_ids = encode_prompt(tok, sample)
-            cache = hc.make_cache(model, method, method_keep)
+            cache = Feeder.open(model, method, method_keep)
             result = generate_one(model, tok, context_ids, rest_ids, cache, question_mode, sample.max_new_tokens)
             stats = cache.stats()
             cache.close()
