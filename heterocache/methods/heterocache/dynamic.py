@@ -59,11 +59,15 @@ class LayerSlots:
     resident: torch.Tensor  # (n, T) bool: prompt slots now in the dynamic slots
     counts: torch.Tensor  # (n,) dynamic slots per sequence
     width: int  # max(counts)
-    summaries: torch.Tensor  # (n, P, D) mean key per page (summary dtype)
+    summaries: torch.Tensor  # (n, D, P) mean key per page, transposed for the score matmul (summary dtype)
     has_page: torch.Tensor  # (n, P) bool: the page holds a selectable token
     scaling: float
+    base: torch.Tensor  # (n, T) fp32: -inf where not selectable, else a tiny recency tie-break
     slots: torch.Tensor | None = None  # (n, width) storage slot of each dynamic slot
-    groups: list | None = None  # [(bucket index, member indices, bucket rows)]
+    current: torch.Tensor | None = None  # (n, width) prompt position each dynamic slot holds
+    bucket_of: torch.Tensor | None = None  # (n,) bucket of each sequence
+    row_of: torch.Tensor | None = None  # (n,) its row in that bucket
+    buckets: list[int] | None = None  # buckets holding these sequences
     version: int = -1  # the layer storage version ``slots`` was computed for
 
 
@@ -84,19 +88,23 @@ def summary_tokens(prompt_len: int, page: int, summary_bytes: int, kv_bytes: int
     return math.ceil(prompt_len / page) * summary_bytes / (2 * kv_bytes)
 
 
+def selection_base(selectable: torch.Tensor) -> torch.Tensor:
+    """``(n, T)`` fp32 added to every step's token scores: -inf where a token may not be fetched, else
+    a recency tie-break far below any gap between page scores (within a page, later tokens first)."""
+    recency = torch.arange(selectable.shape[-1], device=selectable.device, dtype=torch.float32) * 1e-9
+    return recency.expand_as(selectable).masked_fill(~selectable, float("-inf")).contiguous()
+
+
 def choose(slots: LayerSlots, queries: torch.Tensor, page: int, stick: float) -> torch.Tensor:
     """Prompt positions ``(n, width)`` for the dynamic slots from ``queries (n, R, D)`` (R = group x q)."""
-    bound = torch.einsum("nrd,npd->nrp", queries.float(), slots.summaries.float()) * slots.scaling
-    bound = bound.masked_fill(~slots.has_page[:, None], float("-inf"))
+    bound = torch.bmm(queries.to(slots.summaries.dtype), slots.summaries).float() * slots.scaling  # (n, R, P)
+    bound = bound.masked_fill_(~slots.has_page[:, None], float("-inf"))
     bound = bound - bound.amax(-1, keepdim=True).clamp(min=-1e30)
     page_score = bound.amax(1)  # (n, P)
-    length = slots.static.shape[-1]
-    token = page_score.repeat_interleave(page, dim=-1)[:, :length]
-    # within a page prefer later tokens (recency); far below any gap between pages
-    token = token + torch.arange(length, device=token.device) * 1e-9
+    length = slots.base.shape[-1]
+    token = page_score.repeat_interleave(page, dim=-1)[:, :length] + slots.base
     if stick:
         token = token + stick * slots.resident
-    token = token.masked_fill(~slots.selectable, float("-inf"))
     chosen = token.topk(slots.width, dim=-1).indices
     if bool((slots.counts < slots.width).any()):  # shorter rows repeat their last real choice
         arange = torch.arange(slots.width, device=chosen.device)[None, :]
@@ -127,21 +135,21 @@ class DynamicRetrieval:
         static = static.reshape(-1, length)
         selectable = ctx.valid[:, None, :].expand(-1, len(heads), -1).reshape(-1, length) & ~static
         means, has = page_means(keys, selectable, self.settings.page)
-        summaries = means.to(self.settings.summary_dtype)
+        summaries = means.to(self.settings.summary_dtype).transpose(1, 2).contiguous()
         self.summary_bytes += summaries.numel() * summaries.element_size()
         counts = dynamic.reshape(-1, length).sum(-1)
         n_kv = ctx.n_kv_heads
         self.layers[ctx.layer_idx] = LayerSlots(
             seq=[row * n_kv + h for row in range(b) for h in heads], static=static, selectable=selectable,
             resident=dynamic.reshape(-1, length).clone(), counts=counts, width=int(counts.max()),
-            summaries=summaries, has_page=has, scaling=ctx.scaling,
+            summaries=summaries, has_page=has, scaling=ctx.scaling, base=selection_base(selectable),
         )
 
     # --- decode --------------------------------------------------------------------------------
     def _map_slots(self, layer, slots: LayerSlots) -> None:
         """Storage slot of every dynamic slot, found by position (after each ``store`` of the layer)."""
         found = torch.zeros(len(slots.seq), slots.width, dtype=torch.long, device=layer.device)
-        groups: dict[int, list[int]] = {}
+        current = torch.zeros_like(found)
         for i, seq in enumerate(slots.seq):
             bucket_index, row = layer.locate[seq]
             bucket = layer.buckets[bucket_index]
@@ -157,15 +165,19 @@ class DynamicRetrieval:
             if count:
                 found[i, :count] = mine
                 found[i, count:] = mine[-1]
-            groups.setdefault(bucket_index, []).append(i)
-        slots.slots = found
-        slots.groups = [(index, torch.tensor(members, device=layer.device),
-                         torch.tensor([layer.locate[slots.seq[i]][1] for i in members], device=layer.device))
-                        for index, members in groups.items()]
+                current[i] = positions[found[i]]
+        slots.slots, slots.current = found, current
+        slots.bucket_of = torch.tensor([layer.locate[seq][0] for seq in slots.seq], device=layer.device)
+        slots.row_of = torch.tensor([layer.locate[seq][1] for seq in slots.seq], device=layer.device)
+        slots.buckets = sorted(set(slots.bucket_of.tolist()))
         slots.version = layer.version
 
     def before_attention(self, layer, queries: torch.Tensor) -> None:
-        """Refill ``layer``'s dynamic slots for this step's ``queries (B, Hq, q, D)``."""
+        """Refill ``layer``'s dynamic slots for this step's ``queries (B, Hq, q, D)``.
+
+        Only the chosen tokens that are not resident are fetched, each into a slot whose token was not
+        chosen again; every other slot keeps its token untouched.
+        """
         slots = self.layers.get(layer.layer_idx)
         if slots is None or not slots.width:
             return
@@ -177,21 +189,33 @@ class DynamicRetrieval:
         grouped = queries.reshape(b * n_kv, (hq // n_kv) * q, d)[slots.seq]
         chosen = choose(slots, grouped, self.settings.page, self.settings.stick)
         real = torch.arange(slots.width, device=chosen.device)[None, :] < slots.counts[:, None]
-        moved = int(((~slots.resident.gather(1, chosen)) & real).sum())
-        rows = torch.arange(len(slots.seq), device=chosen.device)
-        keys, values = self.tier.gather(layer.layer_idx, rows, chosen)
-        keys, values = keys.to(layer.device, non_blocking=True), values.to(layer.device, non_blocking=True)
-        for bucket_index, members, bucket_rows in slots.groups:
-            bucket = layer.buckets[bucket_index]
-            where = slots.slots[members]
-            bucket.keys[bucket_rows[:, None], where] = keys[members].to(bucket.keys.dtype)
-            bucket.values[bucket_rows[:, None], where] = values[members].to(bucket.values.dtype)
-            bucket.positions[bucket_rows[:, None], where] = chosen[members]
-        slots.resident.zero_()
-        slots.resident.scatter_(1, chosen, True)
+        wanted = torch.zeros_like(slots.resident).scatter_(1, chosen, True)
+        incoming = ~slots.resident.gather(1, chosen) & real  # chosen, not resident yet
+        free = ~wanted.gather(1, slots.current) & real  # slot whose token was not chosen again
+        moved = incoming.sum(-1)  # == free.sum(-1) per row
+        width = int(moved.max())
+        if width:
+            take = torch.sort((~incoming).to(torch.int8), dim=-1, stable=True).indices[:, :width]
+            into = torch.sort((~free).to(torch.int8), dim=-1, stable=True).indices[:, :width]
+            pair = torch.arange(width, device=chosen.device)[None, :] < moved[:, None]
+            seq = torch.arange(len(slots.seq), device=chosen.device)[:, None].expand(-1, width)[pair]  # (m,)
+            positions = chosen.gather(1, take)[pair]
+            into = into[pair]
+            keys, values = self.tier.gather(layer.layer_idx, seq, positions[:, None])  # (m, 1, D)
+            keys, values = keys[:, 0].to(layer.device, non_blocking=True), values[:, 0].to(layer.device, non_blocking=True)
+            storage = slots.slots[seq, into]
+            for bucket_index in slots.buckets:
+                bucket = layer.buckets[bucket_index]
+                mine = slots.bucket_of[seq] == bucket_index if len(slots.buckets) > 1 else slice(None)
+                rows = slots.row_of[seq[mine]]
+                bucket.keys[rows, storage[mine]] = keys[mine].to(bucket.keys.dtype)
+                bucket.values[rows, storage[mine]] = values[mine].to(bucket.values.dtype)
+                bucket.positions[rows, storage[mine]] = positions[mine]
+            slots.current[seq, into] = positions
+            self.counters.bytes += 2 * positions.numel() * keys.shape[-1] * keys.element_size()
+            self.counters.tokens += positions.numel()
+        slots.resident = wanted
         self.counters.refreshes += 1
-        self.counters.tokens += moved
-        self.counters.bytes += 2 * moved * keys.shape[-1] * keys.element_size()
         self.counters.select_s += time.perf_counter() - start
 
     def stats(self) -> dict[str, Any]:
