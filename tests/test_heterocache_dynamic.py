@@ -142,3 +142,38 @@ def test_dynamic_budget_pays_for_the_summaries_and_keep_one_is_exact():
 def test_dynamic_options_are_validated(option, value, match):
     with pytest.raises(ValueError, match=match):
         hc.make_cache(tiny_model(), "heterocache", 0.5, **{option: value})
+
+
+def test_full_rank_sketch_selects_the_exact_top_tokens():
+    from heterocache.methods.heterocache.dynamic import LayerSlots, choose, key_sketch, selection_base
+
+    gen = torch.Generator().manual_seed(5)
+    n, length, d, width = 2, 40, 8, 6
+    keys = torch.randn(n, length, d, generator=gen)
+    queries = torch.randn(n, 3, d, generator=gen)
+    selectable = torch.ones(n, length, dtype=torch.bool)
+    selectable[:, :4] = False  # sinks held statically
+    sketch, basis = key_sketch(keys, torch.ones(n, length, dtype=torch.bool), d)  # rank = D: exact
+    slots = LayerSlots(seq=[0, 1], static=~selectable, selectable=selectable,
+                       resident=torch.zeros(n, length, dtype=torch.bool), counts=torch.full((n,), width), width=width,
+                       summaries=sketch.transpose(1, 2).contiguous(), has_page=selectable, basis=basis, scaling=0.3,
+                       base=selection_base(selectable))
+    chosen = choose(slots, queries, 16, 0.0)
+    logits = (queries @ keys.transpose(1, 2)) * 0.3  # (n, 3, T)
+    logits = logits - logits.masked_fill(~selectable[:, None], float("-inf")).amax(-1, keepdim=True)
+    want = logits.amax(1).masked_fill(~selectable, float("-inf")).topk(width, dim=-1).indices
+    assert [sorted(r) for r in chosen.tolist()] == [sorted(r) for r in want.tolist()]
+
+
+def test_sketch_index_is_paid_from_the_budget():
+    from heterocache.methods.heterocache.dynamic import sketch_tokens
+
+    model = tiny_model("llama", layers=2, heads=8, kv_heads=4)
+    ids, mask = left_padded_batch([200], seed=4)
+    cache = hc.make_cache(model, "heterocache", 0.5, window=8, sinks=2, index="sketch", rank=4)
+    with torch.no_grad():
+        model.generate(ids, attention_mask=mask, **cache_kwargs(cache, model), max_new_tokens=3, do_sample=False)
+    kept = sum(int(layer.kept_prompt_tokens().sum()) for layer in cache.layers)
+    assert kept == total_budget(0.5, 200, 2, 4) - math.ceil(sketch_tokens(200, 4, 16, 2, 4) * 8)
+    stats = cache.stats()
+    assert stats["summary_bytes"] == 8 * (200 * 4 * 2 + 16 * 4 * 4) and stats["retrieval_refreshes"] == 2 * 2

@@ -6,13 +6,16 @@ Every compressed head of a full-attention layer holds on the device, inside its 
 - ``count`` dynamic slots, refilled before the attention of every decode step with the prompt
   tokens that this step's own queries point at, fetched from the head's full prompt K/V kept in
   the slow tier (host memory or disk);
-- a page summary: the mean key of the non-static tokens of every ``page`` prompt positions, stored
-  in bf16, whose bytes ``method.budgets`` pays out of the kept-token budget.
+- a device-resident index of the prompt keys, whose bytes ``method.budgets`` pays out of the
+  kept-token budget: ``index="pages"``, the mean key of the non-static tokens of every ``page``
+  prompt positions; or ``index="sketch"``, every key projected on the head's top-``rank`` right
+  singular vectors (a per-token low-rank sketch, Loki-style), both stored in ``summary_dtype``.
 
-Selection per sequence (batch row x KV head): page score = max over the group's query rows of
-``scaling * q . mean_key`` (each row shifted by its own maximum), plus ``stick`` for tokens already
-resident (hysteresis: fewer bytes moved); the top pages' tokens fill the slots, static tokens and
-padding excluded. Only tokens not already resident count as moved.
+Selection per sequence (batch row x KV head): approximate ``scaling * q . k`` from the index (per
+page, or per token), shifted per query row by its maximum, max over the group's query rows, plus
+``stick`` for tokens already resident (hysteresis: fewer bytes moved); the best tokens fill the
+slots (within a page later tokens first), static tokens and padding excluded. Only tokens not
+already resident are fetched and counted as moved.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ from heterocache.methods.heterocache.tiers import Tier, make_tier
 
 @dataclass(frozen=True)
 class DynamicSettings:
+    index: str  # "pages" (page-mean keys) or "sketch" (per-token rank-`rank` projection)
     page: int  # prompt tokens per summary page
+    rank: int  # sketch rank
     stick: float  # log-score bonus of resident tokens
     summary_dtype: torch.dtype  # storage dtype of the page summaries
     offload: str  # slow tier of the full prompt K/V ("host", "disk", "none")
@@ -59,8 +64,9 @@ class LayerSlots:
     resident: torch.Tensor  # (n, T) bool: prompt slots now in the dynamic slots
     counts: torch.Tensor  # (n,) dynamic slots per sequence
     width: int  # max(counts)
-    summaries: torch.Tensor  # (n, D, P) mean key per page, transposed for the score matmul (summary dtype)
-    has_page: torch.Tensor  # (n, P) bool: the page holds a selectable token
+    summaries: torch.Tensor  # pages: (n, D, P) mean keys; sketch: (n, r, T) projected keys (summary dtype)
+    has_page: torch.Tensor  # pages: (n, P) bool, the page holds a selectable token; sketch: unused
+    basis: torch.Tensor | None  # sketch: (n, D, r) fp32 top right singular vectors of the keys
     scaling: float
     base: torch.Tensor  # (n, T) fp32: -inf where not selectable, else a tiny recency tie-break
     slots: torch.Tensor | None = None  # (n, width) storage slot of each dynamic slot
@@ -88,6 +94,20 @@ def summary_tokens(prompt_len: int, page: int, summary_bytes: int, kv_bytes: int
     return math.ceil(prompt_len / page) * summary_bytes / (2 * kv_bytes)
 
 
+def sketch_tokens(prompt_len: int, rank: int, head_dim: int, summary_bytes: int, kv_bytes: int) -> float:
+    """Device cost of one head's rank-``rank`` sketch (``T x r`` in the summary dtype + an fp32 ``D x r``
+    basis) in kept-token units."""
+    return (prompt_len * rank * summary_bytes + head_dim * rank * 4) / (2 * head_dim * kv_bytes)
+
+
+def key_sketch(keys: torch.Tensor, valid: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``keys (n, T, D)``, ``valid (n, T)`` -> ``(sketch (n, T, r), basis (n, D, r))`` fp32: the keys on
+    their top-``rank`` right singular vectors (computed from the valid keys)."""
+    masked = keys.float() * valid[..., None]
+    basis = torch.linalg.svd(masked, full_matrices=False).Vh[:, :rank].transpose(-1, -2).contiguous()
+    return keys.float() @ basis, basis
+
+
 def selection_base(selectable: torch.Tensor) -> torch.Tensor:
     """``(n, T)`` fp32 added to every step's token scores: -inf where a token may not be fetched, else
     a recency tie-break far below any gap between page scores (within a page, later tokens first)."""
@@ -97,12 +117,19 @@ def selection_base(selectable: torch.Tensor) -> torch.Tensor:
 
 def choose(slots: LayerSlots, queries: torch.Tensor, page: int, stick: float) -> torch.Tensor:
     """Prompt positions ``(n, width)`` for the dynamic slots from ``queries (n, R, D)`` (R = group x q)."""
-    bound = torch.bmm(queries.to(slots.summaries.dtype), slots.summaries).float() * slots.scaling  # (n, R, P)
-    bound = bound.masked_fill_(~slots.has_page[:, None], float("-inf"))
-    bound = bound - bound.amax(-1, keepdim=True).clamp(min=-1e30)
-    page_score = bound.amax(1)  # (n, P)
     length = slots.base.shape[-1]
-    token = page_score.repeat_interleave(page, dim=-1)[:, :length] + slots.base
+    if slots.basis is not None:  # per-token sketch
+        projected = torch.bmm(queries.float(), slots.basis).to(slots.summaries.dtype)  # (n, R, r)
+        bound = torch.bmm(projected, slots.summaries).float() * slots.scaling  # (n, R, T)
+        bound = bound + slots.base[:, None]
+        bound = bound - bound.amax(-1, keepdim=True).clamp(min=-1e30)
+        token = bound.amax(1)
+    else:
+        bound = torch.bmm(queries.to(slots.summaries.dtype), slots.summaries).float() * slots.scaling  # (n, R, P)
+        bound = bound.masked_fill_(~slots.has_page[:, None], float("-inf"))
+        bound = bound - bound.amax(-1, keepdim=True).clamp(min=-1e30)
+        page_score = bound.amax(1)  # (n, P)
+        token = page_score.repeat_interleave(page, dim=-1)[:, :length] + slots.base
     if stick:
         token = token + stick * slots.resident
     chosen = token.topk(slots.width, dim=-1).indices
@@ -134,15 +161,23 @@ class DynamicRetrieval:
         self.tier.put(ctx.layer_idx, keys, ctx.values[:, heads].reshape(-1, length, d))
         static = static.reshape(-1, length)
         selectable = ctx.valid[:, None, :].expand(-1, len(heads), -1).reshape(-1, length) & ~static
-        means, has = page_means(keys, selectable, self.settings.page)
-        summaries = means.to(self.settings.summary_dtype).transpose(1, 2).contiguous()
+        basis = None
+        if self.settings.index == "sketch":
+            valid = ctx.valid[:, None, :].expand(-1, len(heads), -1).reshape(-1, length)
+            sketch, basis = key_sketch(keys, valid, self.settings.rank)
+            summaries = sketch.to(self.settings.summary_dtype).transpose(1, 2).contiguous()
+            has = selectable
+            self.summary_bytes += basis.numel() * basis.element_size()
+        else:
+            means, has = page_means(keys, selectable, self.settings.page)
+            summaries = means.to(self.settings.summary_dtype).transpose(1, 2).contiguous()
         self.summary_bytes += summaries.numel() * summaries.element_size()
         counts = dynamic.reshape(-1, length).sum(-1)
         n_kv = ctx.n_kv_heads
         self.layers[ctx.layer_idx] = LayerSlots(
             seq=[row * n_kv + h for row in range(b) for h in heads], static=static, selectable=selectable,
             resident=dynamic.reshape(-1, length).clone(), counts=counts, width=int(counts.max()),
-            summaries=summaries, has_page=has, scaling=ctx.scaling, base=selection_base(selectable),
+            summaries=summaries, has_page=has, basis=basis, scaling=ctx.scaling, base=selection_base(selectable),
         )
 
     # --- decode --------------------------------------------------------------------------------

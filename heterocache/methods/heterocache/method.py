@@ -33,7 +33,12 @@ import torch
 from heterocache.budget import allocate, total_budget, weighted_budgets
 from heterocache.methods.base import DecodeContext, Method, PrefillContext, check_choice, check_range
 from heterocache.methods.heterocache.drift import Runtime, Settings, recent_tokens
-from heterocache.methods.heterocache.dynamic import DynamicRetrieval, DynamicSettings, summary_tokens
+from heterocache.methods.heterocache.dynamic import (
+    DynamicRetrieval,
+    DynamicSettings,
+    sketch_tokens,
+    summary_tokens,
+)
 from heterocache.methods.heterocache.expected import expected_attention, rope_inv_freq
 from heterocache.methods.heterocache.tiers import TIERS, check_directory
 from heterocache.methods.scoring import select_with_forced, topk_mask
@@ -55,8 +60,12 @@ class HeteroCache(Method):
         copy stream), ``"sync"``; ``"off"``: the paper's static heterogeneous cache.
     dynamic_share : float
         Dynamic mode: share of each compressed head's budget that is refilled every step (0.75).
-    page : int
-        Dynamic mode: prompt tokens per page summary (16).
+    index : str
+        Dynamic mode: the device-resident index the step's queries are scored against: ``"pages"``
+        (mean key of each ``page`` prompt tokens) or ``"sketch"`` (every key on its head's top-``rank``
+        right singular vectors). Its bytes are paid from the budget.
+    page, rank : int
+        Dynamic mode: prompt tokens per page (16); sketch rank (16).
     summary_dtype : str
         Dynamic mode: storage dtype of the page summaries (``"bfloat16"``; their bytes are paid
         out of the budget).
@@ -110,7 +119,9 @@ class HeteroCache(Method):
 
     retrieval: str = "dynamic"
     dynamic_share: float = 0.75
+    index: str = "pages"
     page: int = 16
+    rank: int = 16
     summary_dtype: str = "bfloat16"
     stick: float = 0.0
     scorer: Any = None
@@ -145,7 +156,9 @@ class HeteroCache(Method):
         if self.profile is not None and not isinstance(self.profile, (str, Path, HeadProfile)):
             raise ValueError(f"profile must be a HeadProfile or a JSON path, got {type(self.profile).__name__}")
         check_range("dynamic_share", self.dynamic_share, 0, 1)
+        check_choice("index", self.index, ("pages", "sketch"))
         check_range("page", self.page, 1)
+        check_range("rank", self.rank, 1)
         check_choice("summary_dtype", self.summary_dtype, SUMMARY_DTYPES)
         check_range("stick", self.stick, 0)
         if self.scorer is not None:
@@ -214,12 +227,13 @@ class HeteroCache(Method):
                                  f"has {list(cache.layer_windows)}: profile this model with profile_heads()")
         self.close()
         self.layer_windows = list(cache.layer_windows)
-        self.n_kv_heads = cache.n_kv_heads
+        self.n_kv_heads, self.head_dim = cache.n_kv_heads, cache.head_dim
         self.plans: dict[tuple[float, int], tuple[list[list[int]], list[list[bool]]]] = {}
         self.runtime: Runtime | DynamicRetrieval | None = None
         if self.dynamic:
-            self.runtime = DynamicRetrieval(DynamicSettings(self.page, self.stick, getattr(torch, self.summary_dtype),
-                                                            self.offload, self.offload_dir))
+            self.runtime = DynamicRetrieval(DynamicSettings(self.index, self.page, self.rank, self.stick,
+                                                            getattr(torch, self.summary_dtype), self.offload,
+                                                            self.offload_dir))
         elif self.retrieval != "off":
             settings = Settings(self.steps, self.topk, self.drift_threshold, self.retrieval, self.offload,
                                 self.offload_dir, self.sinks, self.window, self.recent_fraction)
@@ -244,7 +258,11 @@ class HeteroCache(Method):
         if keep >= 1.0:  # FullKV: nothing to retrieve, no summaries
             return [[prompt_len] * n_heads for _ in range(n_layers)], [[True] * n_heads for _ in range(n_layers)]
         summary_bytes = torch.empty((), dtype=getattr(torch, self.summary_dtype)).element_size()
-        per_head = summary_tokens(prompt_len, self.page, summary_bytes, self.kv_bytes)
+        if self.index == "sketch":
+            rank = min(self.rank, self.head_dim, prompt_len)
+            per_head = sketch_tokens(prompt_len, rank, self.head_dim, summary_bytes, self.kv_bytes)
+        else:
+            per_head = summary_tokens(prompt_len, self.page, summary_bytes, self.kv_bytes)
         retrieving = sum(window is None for window in self.layer_windows) * n_heads
         total = total_budget(keep, prompt_len, n_layers, n_heads) - math.ceil(per_head * retrieving)
         floor = min(prompt_len, self.sinks + self.window + 1)
