@@ -62,8 +62,10 @@ class HeteroCache(Method):
         Dynamic mode: share of each compressed head's budget that is refilled every step (0.75).
     index : str
         Dynamic mode: the device-resident index the step's queries are scored against: ``"pages"``
-        (mean key of each ``page`` prompt tokens) or ``"sketch"`` (every key on its head's top-``rank``
-        right singular vectors). Its bytes are paid from the budget.
+        (mean key of each ``page`` prompt tokens), ``"sketch"`` (every key on its head's top-``rank``
+        right singular vectors) or ``"auto"`` (default: the sketch when it costs at most a quarter of
+        the budget, e.g. keep >= 0.25 for an fp32 cache with head_dim 64, else pages; measured in
+        docs/research/quality.md). Its bytes are paid from the budget.
     page, rank : int
         Dynamic mode: prompt tokens per page (16); sketch rank (16).
     summary_dtype : str
@@ -119,7 +121,7 @@ class HeteroCache(Method):
 
     retrieval: str = "dynamic"
     dynamic_share: float = 0.75
-    index: str = "pages"
+    index: str = "auto"
     page: int = 16
     rank: int = 16
     summary_dtype: str = "bfloat16"
@@ -156,7 +158,7 @@ class HeteroCache(Method):
         if self.profile is not None and not isinstance(self.profile, (str, Path, HeadProfile)):
             raise ValueError(f"profile must be a HeadProfile or a JSON path, got {type(self.profile).__name__}")
         check_range("dynamic_share", self.dynamic_share, 0, 1)
-        check_choice("index", self.index, ("pages", "sketch"))
+        check_choice("index", self.index, ("auto", "pages", "sketch"))
         check_range("page", self.page, 1)
         check_range("rank", self.rank, 1)
         check_choice("summary_dtype", self.summary_dtype, SUMMARY_DTYPES)
@@ -231,7 +233,8 @@ class HeteroCache(Method):
         self.plans: dict[tuple[float, int], tuple[list[list[int]], list[list[bool]]]] = {}
         self.runtime: Runtime | DynamicRetrieval | None = None
         if self.dynamic:
-            self.runtime = DynamicRetrieval(DynamicSettings(self.index, self.page, self.rank, self.stick,
+            self.runtime = DynamicRetrieval(DynamicSettings(self.resolved_index(cache.keep), self.page, self.rank,
+                                                            self.stick,
                                                             getattr(torch, self.summary_dtype), self.offload,
                                                             self.offload_dir))
         elif self.retrieval != "off":
@@ -258,7 +261,7 @@ class HeteroCache(Method):
         if keep >= 1.0:  # FullKV: nothing to retrieve, no summaries
             return [[prompt_len] * n_heads for _ in range(n_layers)], [[True] * n_heads for _ in range(n_layers)]
         summary_bytes = torch.empty((), dtype=getattr(torch, self.summary_dtype)).element_size()
-        if self.index == "sketch":
+        if self.resolved_index(keep) == "sketch":
             rank = min(self.rank, self.head_dim, prompt_len)
             per_head = sketch_tokens(prompt_len, rank, self.head_dim, summary_bytes, self.kv_bytes)
         else:
@@ -279,6 +282,14 @@ class HeteroCache(Method):
         shares = weighted_budgets(total, weights, [prompt_len] * len(heads), floor)
         budgets = [shares[layer * n_heads:(layer + 1) * n_heads] for layer in range(n_layers)]
         return budgets, [[False] * n_heads for _ in range(n_layers)]
+
+    def resolved_index(self, keep: float) -> str:
+        """``index="auto"``: the sketch when its bytes are at most a quarter of a head's budget."""
+        if self.index != "auto":
+            return self.index
+        summary_bytes = torch.empty((), dtype=getattr(torch, self.summary_dtype)).element_size()
+        share = min(self.rank, self.head_dim) * summary_bytes / (2 * self.head_dim * self.kv_bytes)
+        return "sketch" if share <= 0.25 * keep else "pages"
 
     def budgets(self, keep: float, prompt_len: int, n_layers: int, n_kv_heads: int) -> list[list[int]]:
         return self.plan(keep, prompt_len)[0]
