@@ -64,7 +64,9 @@ class Bucket:
         # the next slots the next positions); ``sync_positions`` fills them before anyone reads.
         self.pending_slots: torch.Tensor | None = None
         self.pending_position = 0
-        self.visible: torch.Tensor | None = None  # (n, 1, 1, cap) bool key mask of single-token decode
+        # (n, 1, 1, cap) additive key mask of single-token decode (0 visible, -inf not): a float mask
+        # spares SDPA converting a boolean one every call
+        self.visible: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -114,7 +116,7 @@ class Bucket:
             self.keys[self.rows, slots] = keys
             self.values[self.rows, slots] = values
             if self.visible is not None and q == 1:
-                self.visible[self.rows, 0, 0, slots] = True
+                self.visible[self.rows, 0, 0, slots] = 0.0
             else:
                 self.visible = None
         self.lengths += q
@@ -132,13 +134,15 @@ class Bucket:
         self.pending_slots = None
 
     def key_mask(self, q: int, group: int):
-        """:func:`key_mask` of this plain bucket; for single-token steps kept on the bucket and updated
-        in place by ``append`` instead of rebuilt every step."""
+        """:func:`key_mask` of this plain bucket; for single-token steps an additive mask ``(n, 1, 1, L)``
+        kept on the bucket and updated in place by ``append`` instead of rebuilt every step."""
         if self.uniform or q != 1:
             return key_mask(self.lengths, self.max_len, q, group, self.uniform)
         if self.visible is None:
             cols = torch.arange(self.capacity, device=self.lengths.device)
-            self.visible = (cols[None, :] < self.lengths[:, None]).view(-1, 1, 1, self.capacity)
+            hidden = (cols[None, :] >= self.lengths[:, None]).view(-1, 1, 1, self.capacity)
+            self.visible = torch.zeros(hidden.shape, dtype=self.keys.dtype, device=hidden.device)
+            self.visible.masked_fill_(hidden, float("-inf"))
         return self.visible[..., : self.max_len]
 
 
