@@ -4,7 +4,7 @@ ragged sequence of tokens (keys, values, original positions), and that drives it
 Storage per layer: *buckets* of sequences with similar lengths (``attention.ragged.Bucket``). A
 bucket holds ``keys``/``values (n, capacity, D)``, ``positions (n, capacity)`` and ``lengths (n,)``;
 sequence id ``s = b * Hkv + h``. Appends write in place and grow the capacity geometrically
-(amortised O(1)). Dropped tokens are never stored: the prefill keeps gathered copies only, so
+(amortised O(1); headroom and growth in ``attention/ragged.py``, docs/DESIGN.md s.8). Dropped tokens are never stored: the prefill keeps gathered copies only, so
 device bytes fall with ``keep``. Sliding-window layers (``window`` = W) store rings: at most
 ``W - 1 + q`` slots per head for ``q``-token forwards (``W`` in decode), new tokens overwrite the
 oldest ones (docs/DESIGN.md s.2-3).
