@@ -13,8 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-GROWTH = 0.125  # a full bucket grows by this fraction of its capacity (amortised O(1) appends) ...
-MIN_GROWTH = 48  # ... but by at least this many slots (few reallocations while small)
+MIN_GROWTH = 16  # a full bucket grows by as many slots as it has appended since stored, at least this many
 MIN_HEADROOM, MAX_HEADROOM = 8, 64  # decode slots reserved at prefill: max_len // 32 within these bounds
 PAGE = 16  # Triton backend: capacities are page multiples so a bucket is also a paged pool (attention/triton.py)
 
@@ -53,6 +52,7 @@ class Bucket:
         self.keys, self.values, self.positions = keys, values, positions
         self.lengths = lengths
         self.max_len = max_len
+        self.stored_len = max_len  # max_len when stored: later slots are decode tokens
         self.uniform = uniform
         self.is_identity = is_identity
         self.window = window  # sliding window W: a ring (see ``ring_write``), None: plain append storage
@@ -81,14 +81,18 @@ class Bucket:
                 + self.positions.element_size())
 
     def reserve(self, extra: int) -> None:
-        """Make room for ``extra`` more tokens per sequence (geometric growth by ``GROWTH``, at least
-        ``MIN_GROWTH`` slots, aligned; rings up to ``W - 1 + extra``)."""
+        """Make room for ``extra`` more tokens per sequence (aligned; rings up to ``W - 1 + extra``).
+
+        A full bucket grows by the number of tokens appended since it was stored (at least
+        ``MIN_GROWTH``): the decode part doubles, so ``N`` appends reallocate O(log N) times and the
+        copies cost at most about one extra read of the storage per doubling (the attention reads it
+        every step), while the spare room stays a small share of a long prompt's storage."""
         need = self.max_len + extra
         if self.window is not None:
             need = min(need, self.window - 1 + extra)
         if need <= self.capacity:
             return
-        cap = round_up(max(need, self.capacity + max(MIN_GROWTH, int(self.capacity * GROWTH))), self.align)
+        cap = round_up(max(need, self.capacity + max(MIN_GROWTH, self.max_len - self.stored_len)), self.align)
         if self.window is not None:
             cap = max(need, min(cap, self.window - 1 + extra))
         n, _, d = self.keys.shape
