@@ -4,7 +4,7 @@ ragged sequence of tokens (keys, values, original positions), and that drives it
 Storage per layer: *buckets* of sequences with similar lengths (``attention.ragged.Bucket``). A
 bucket holds ``keys``/``values (n, capacity, D)``, ``positions (n, capacity)`` and ``lengths (n,)``;
 sequence id ``s = b * Hkv + h``. Appends write in place and grow the capacity geometrically
-(amortised O(1)). Dropped tokens are never stored: the prefill keeps gathered copies only, so
+(amortised O(1); headroom and growth in ``attention/ragged.py``, docs/DESIGN.md s.8). Dropped tokens are never stored: the prefill keeps gathered copies only, so
 device bytes fall with ``keep``. Sliding-window layers (``window`` = W) store rings: at most
 ``W - 1 + q`` slots per head for ``q``-token forwards (``W`` in decode), new tokens overwrite the
 oldest ones (docs/DESIGN.md s.2-3).
@@ -23,7 +23,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from heterocache.attention import decode_attention, plan_buckets
-from heterocache.attention.ragged import MIN_HEADROOM, Bucket, ring_write, round_page
+from heterocache.attention.ragged import PAGE, Bucket, prefill_headroom, ring_write, round_up
 from heterocache.budget import budget_table, cap_sliding, sliding_cap
 from heterocache.methods.base import DecodeContext, PrefillContext
 
@@ -157,17 +157,18 @@ class HeadwiseLayer(CacheLayerMixin):
         self.buckets = []
         self.locate: list[tuple[int, int]] = [(0, 0)] * (b * h)  # seq id -> (bucket, row)
         opts = self.cache.bucket_options
+        align = PAGE if self.cache.attention_backend == "triton" else 1  # the paged kernel views buckets as pages
         for members in plan_buckets(count_list, **opts):
             seq = torch.tensor(members, dtype=torch.long, device=keys.device)
             max_len = max(count_list[i] for i in members)
-            room = headroom if headroom is not None else max(MIN_HEADROOM, max_len // 16)
-            cap = round_page(max_len + room)
+            room = headroom if headroom is not None else prefill_headroom(max_len)
+            cap = round_up(max_len + room, align)
             if self.window is not None:  # a ring never needs more than W slots in decode
                 cap = max(max_len, min(cap, self.window))
             idx = order[seq, :max_len]
             bk = flat_k.new_zeros((len(members), cap, d))
             bv = flat_v.new_zeros((len(members), cap, d))
-            bp = flat_p.new_full((len(members), cap), -1)
+            bp = flat_p.new_full((len(members), cap), -1, dtype=torch.int32)  # positions < 2**31
             if max_len:
                 bk[:, :max_len] = torch.gather(flat_k[seq], 1, idx[..., None].expand(-1, -1, d))
                 bv[:, :max_len] = torch.gather(flat_v[seq], 1, idx[..., None].expand(-1, -1, d))
@@ -175,7 +176,7 @@ class HeadwiseLayer(CacheLayerMixin):
             lens = counts[seq]
             bp[torch.arange(cap, device=keys.device)[None, :] >= lens[:, None]] = -1  # empty slots
             uniform = len({count_list[i] for i in members}) == 1
-            bucket = Bucket(seq, bk, bv, bp, lens, max_len, uniform, len(members) == b * h, self.window)
+            bucket = Bucket(seq, bk, bv, bp, lens, max_len, uniform, len(members) == b * h, self.window, align)
             for row, member in enumerate(members):
                 self.locate[member] = (len(self.buckets), row)
             self.buckets.append(bucket)
@@ -185,27 +186,14 @@ class HeadwiseLayer(CacheLayerMixin):
         b, h, q, d = key_states.shape
         flat_k = key_states.reshape(b * h, q, d)
         flat_v = value_states.reshape(b * h, q, d)
-        new_pos = torch.arange(self.seen, self.seen + q, device=key_states.device)
         for bucket in self.buckets:
             bucket.reserve(q)
             k = flat_k if bucket.is_identity else flat_k[bucket.seq]
             v = flat_v if bucket.is_identity else flat_v[bucket.seq]
             if bucket.window is not None:
-                ring_write(bucket, k, v, new_pos)
-                continue
-            if bucket.uniform:
-                start = bucket.max_len
-                bucket.keys[:, start:start + q] = k
-                bucket.values[:, start:start + q] = v
-                bucket.positions[:, start:start + q] = new_pos
+                ring_write(bucket, k, v, torch.arange(self.seen, self.seen + q, device=k.device))
             else:
-                slots = bucket.lengths[:, None] + torch.arange(q, device=k.device)
-                rows = torch.arange(len(bucket.seq), device=k.device)[:, None]
-                bucket.keys[rows, slots] = k
-                bucket.values[rows, slots] = v
-                bucket.positions[rows, slots] = new_pos
-            bucket.lengths += q
-            bucket.max_len += q
+                bucket.append(k, v, self.seen)
 
     def padded(self):
         """All sequences as padded tensors (the reference view used by methods and tests).
@@ -215,6 +203,8 @@ class HeadwiseLayer(CacheLayerMixin):
         """
         b, h, d = self.batch, self.n_kv_heads, self.head_dim
         length = max((bk.max_len for bk in self.buckets), default=0)
+        for bk in self.buckets:
+            bk.sync_positions()
         keys = torch.zeros((b * h, length, d), dtype=self.dtype, device=self.device)
         values = torch.zeros_like(keys)
         positions = torch.full((b * h, length), -1, dtype=torch.long, device=self.device)
@@ -222,7 +212,7 @@ class HeadwiseLayer(CacheLayerMixin):
         for bk in self.buckets:
             n = bk.max_len
             live = torch.arange(n, device=self.device)[None, :] < bk.lengths[:, None]
-            bk_keys, bk_values, bk_pos = bk.keys[:, :n], bk.values[:, :n], bk.positions[:, :n]
+            bk_keys, bk_values, bk_pos = bk.keys[:, :n], bk.values[:, :n], bk.positions[:, :n].long()
             if bk.window is not None:  # ring slots: live entries by position, empty slots last
                 order = torch.where(live, bk_pos, torch.iinfo(torch.long).max).argsort(dim=-1)
                 bk_keys = bk_keys.gather(1, order[..., None].expand(-1, -1, d))
@@ -269,6 +259,7 @@ class HeadwiseLayer(CacheLayerMixin):
         """``(B, Hkv)`` number of stored tokens with position < prefill length."""
         out = torch.zeros(self.batch * self.n_kv_heads, dtype=torch.long, device=self.device)
         for bk in self.buckets:
+            bk.sync_positions()
             live = torch.arange(bk.capacity, device=self.device)[None, :] < bk.lengths[:, None]
             out[bk.seq] = (live & (bk.positions < self.prefill_len) & (bk.positions >= 0)).sum(-1)
         return out.view(self.batch, self.n_kv_heads)
@@ -277,8 +268,12 @@ class HeadwiseLayer(CacheLayerMixin):
         return sum(bk.nbytes() for bk in self.buckets)
 
     def used_bytes(self) -> int:
-        per_token = 2 * self.head_dim * torch.empty((), dtype=self.dtype).element_size() + 8
-        return int(sum(int(bk.lengths.sum()) for bk in self.buckets)) * per_token
+        """Bytes of the live entries (key, value, position of every stored token)."""
+        return sum(int(bk.lengths.sum()) * bk.slot_bytes() for bk in self.buckets)
+
+    def headroom_bytes(self) -> int:
+        """Bytes of the slots past each bucket's longest sequence (room for decode tokens)."""
+        return sum((bk.capacity - bk.max_len) * len(bk.seq) * bk.slot_bytes() for bk in self.buckets)
 
 
 class HeadwiseCache(Cache):
@@ -404,11 +399,20 @@ class HeadwiseCache(Cache):
         self.method.close()
 
     def stats(self) -> dict[str, Any]:
-        """Measured statistics from the tensors actually held, merged with the method's own."""
+        """Measured statistics from the tensors actually held, merged with the method's own.
+
+        Bytes of the layers' storage: ``device_used_bytes`` (live entries: key, value, int32 position) +
+        ``device_overhead_bytes``, which splits into ``device_headroom_bytes`` (slots reserved for decode
+        tokens past each bucket's longest sequence) and ``device_padding_bytes`` (shorter sequences of a
+        bucket padded to its longest). ``device_bytes`` = layers' storage + the method's own device
+        bytes (e.g. a device-resident tier)."""
         layers = [layer for layer in self.layers if layer.buckets]
         prompt = int(self.prompt_lengths.sum()) if self.prompt_lengths is not None else 0
         kept = sum(int(layer.kept_prompt_tokens().sum()) for layer in layers)
         denom = prompt * self.n_layers * self.n_kv_heads
+        device = sum(layer.nbytes() for layer in layers)
+        used = sum(layer.used_bytes() for layer in layers)
+        headroom = sum(layer.headroom_bytes() for layer in layers)
         out: dict[str, Any] = {
             "method": self.method.name,
             "keep": self.keep,
@@ -416,8 +420,11 @@ class HeadwiseCache(Cache):
             "prompt_tokens": prompt,
             "kept_tokens": kept,
             "seen_tokens": self.get_seq_length(),
-            "device_bytes": sum(layer.nbytes() for layer in layers),
-            "device_used_bytes": sum(layer.used_bytes() for layer in layers),
+            "device_bytes": device,
+            "device_used_bytes": used,
+            "device_overhead_bytes": device - used,
+            "device_headroom_bytes": headroom,
+            "device_padding_bytes": device - used - headroom,
             "host_bytes": 0,
             "disk_bytes": 0,
             "buckets_per_layer": max((len(layer.buckets) for layer in layers), default=0),

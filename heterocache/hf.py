@@ -114,7 +114,7 @@ def prepare_model(model) -> None:
 
 
 def make_cache(model, method: str = "full", keep: float = 1.0, *, attention_backend: str = "auto",
-               max_buckets: int = 4, bucket_overhead: int = 1024, **options: Any) -> HeadwiseCache:
+               max_buckets: int = 4, bucket_overhead: int = 256, **options: Any) -> HeadwiseCache:
     """Build a :class:`HeadwiseCache` for ``model`` compressing with ``method`` at ``keep``.
 
     ``options`` are the method's dataclass fields (``heterocache methods`` lists them), validated

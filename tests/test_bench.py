@@ -107,6 +107,40 @@ def test_derived_speedup_and_bound_on_hand_numbers():
     assert unpaired["speedup_vs_full"] is None  # no full line for batch 2
 
 
+def test_natural_limit_and_left_padded_batch_rows(tmp_path):
+    argv = ["bench", "--model-config", "tiny", "--context", "40", "--methods", "snapkv", "--keep", "0.5,0.25",
+            "--batch", "2", "--length-spread", "0.5", "--steps", "2", "--warmup", "1", "--interleave",
+            "--natural-limit", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    natural = {r["keep"]: r for r in rows if r.get("natural_limit")}
+    assert sorted((k, r["context"], r["natural_limit"]) for k, r in natural.items()) == [(0.25, 10, 40), (0.5, 20, 40)]
+    full = next(r for r in rows if r["method"] == "full" and not r.get("natural_limit"))
+    assert full["prompt_lengths"] == [40, 20] and full["length_spread"] == 0.5
+    assert full["cache"]["prompt_tokens"] == 60  # left padding is not stored
+    for row in rows:
+        if row["method"] == "snapkv":
+            assert row["vs_natural_limit"] == row["decode_ms"] / natural[row["keep"]]["decode_ms"]
+        if row.get("natural_limit"):  # paired with the full line of the context it stands for
+            assert row["speedup_vs_full"] == full["decode_ms"] / row["decode_ms"]
+            assert row["prompt_lengths"] == [row["context"], row["context"] // 2]
+        assert row["time_shares"] == {}
+    assert "full (natural limit)" in (tmp_path / "table.md").read_text()
+
+
+def test_time_counters_are_reported_as_shares():
+    from heterocache.bench.report import markdown_table
+
+    base = {"kind": "decode", "model": "m", "device": "cpu", "dtype": "float32", "context": 10, "batch": 1,
+            "steps": 20, "warmup": 4, "weight_bytes": 100, "kv_full_bytes": 300, "prefill_s": 1.0,
+            "tokens_per_s": 1.0, "read_bytes_per_token": 1.0, "peak_memory_bytes": 1, "peak_memory_note": "n"}
+    cache = {"keep_fraction": 0.25, "device_bytes": 1, "host_bytes": 0}
+    rows = derive([{**base, "method": "full", "keep": 1.0, "decode_ms": 10.0, "cache": {**cache, "keep_fraction": 1}},
+                   {**base, "method": "heterocache", "keep": 0.25, "decode_ms": 5.0, "cache": cache,
+                    "time_shares": {"retrieval_check_s": 0.125}}])
+    assert "retrieval_check_s 12.5%" in markdown_table(rows)
+
+
 def test_llama_8b_preset_builds_on_meta_without_memory():
     config = architecture_config("llama-3.1-8b", layers=1)
     model = meta_model(config, torch.bfloat16)

@@ -161,3 +161,55 @@ def test_ring_never_grows_in_single_token_decode():
         layer.seen += 1
     assert [bk.capacity for bk in layer.buckets] == [8]
     assert layer.padded()[2][0, 0].tolist() == list(range(82, 90))  # the last W positions
+
+
+def test_many_decode_steps_match_reference_and_eager_positions():
+    """Lazy positions and the cached single-token key mask against the loop oracle and eager bookkeeping,
+    through growth (reallocation) and a multi-token step."""
+    from heterocache.attention.ragged import key_mask
+
+    gen = torch.Generator().manual_seed(11)
+    lengths = [[1, 37, 5], [0, 64, 12]]
+    layer, lk, lv = _layer_with(lengths)
+    b, h, d, group = 2, 3, 8, 3
+    _, _, start_positions, _ = layer.padded()
+    expected_positions = [[start_positions[r, hh][start_positions[r, hh] >= 0].tolist() for hh in range(h)]
+                          for r in range(b)]
+    for q in [1] * 40 + [3] + [1] * 30:
+        new_k = torch.randn((b, h, q, d), generator=gen)
+        new_v = torch.randn((b, h, q, d), generator=gen)
+        layer.append(new_k, new_v)
+        for r in range(b):
+            for hh in range(h):
+                lk[r][hh] = torch.cat([lk[r][hh], new_k[r, hh]])
+                lv[r][hh] = torch.cat([lv[r][hh], new_v[r, hh]])
+                expected_positions[r][hh] += list(range(layer.seen, layer.seen + q))
+        layer.seen += q
+        for bucket in layer.buckets:
+            if not bucket.uniform:
+                mask = bucket.key_mask(q, group)
+                visible = mask if mask.dtype == torch.bool else mask == 0  # additive in single-token steps
+                assert torch.equal(visible.expand(-1, -1, group * q, -1),
+                                   key_mask(bucket.lengths, bucket.max_len, q, group, False))
+        query = torch.randn((b, h * group, q, d), generator=gen)
+        fast = decode_attention(query, layer.buckets, layer.n_kv_heads, d ** -0.5)
+        ref = ragged_attention_reference(query, lk, lv, d ** -0.5, causal_new=q)
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    _, _, positions, lens = layer.padded()
+    for r in range(b):
+        for hh in range(h):
+            assert positions[r, hh, : int(lens[r, hh])].tolist() == expected_positions[r][hh]
+    assert positions.dtype == torch.long
+
+
+def test_storage_overhead_is_small_and_accounted():
+    """Headroom + bucket padding stay a small share of what is held; stats split them exactly."""
+    lengths = [[300, 300, 290], [310, 3000, 305]]
+    layer, _, _ = _layer_with(lengths, d=64)
+    cache = layer.cache
+    cache.prompt_lengths = torch.tensor([3000, 3000])
+    stats = cache.stats()
+    assert stats["device_bytes"] == stats["device_used_bytes"] + stats["device_overhead_bytes"]
+    assert stats["device_overhead_bytes"] == stats["device_headroom_bytes"] + stats["device_padding_bytes"]
+    ideal = sum(map(sum, lengths)) * (2 * 64 * 4)  # fp32 keys + values of the kept tokens
+    assert stats["device_bytes"] <= 1.1 * ideal

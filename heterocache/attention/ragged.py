@@ -13,13 +13,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-GROWTH = 1.25
-MIN_HEADROOM = 16
-PAGE = 16  # capacities are page multiples so a bucket is also a paged pool (attention/triton.py)
+MIN_GROWTH = 16  # a full bucket grows by as many slots as it has appended since stored, at least this many
+MIN_HEADROOM, MAX_HEADROOM = 8, 64  # decode slots reserved at prefill: max_len // 32 within these bounds
+PAGE = 16  # Triton backend: capacities are page multiples so a bucket is also a paged pool (attention/triton.py)
+
+
+def round_up(n: int, align: int) -> int:
+    return -(-n // align) * align
 
 
 def round_page(n: int) -> int:
-    return -(-n // PAGE) * PAGE
+    return round_up(n, PAGE)
+
+
+def prefill_headroom(max_len: int) -> int:
+    """Decode slots a bucket reserves when it is stored: ~1/32 of its length, 8 to 64 slots, so a short
+    generation needs no reallocation and memory stays within ~3% of what is held (docs/DESIGN.md s.8)."""
+    return min(MAX_HEADROOM, max(MIN_HEADROOM, max_len // 32))
 
 
 class Bucket:
@@ -37,15 +47,26 @@ class Bucket:
     """
 
     def __init__(self, seq, keys, values, positions, lengths, max_len: int, uniform: bool, is_identity: bool,
-                 window: int | None = None):
+                 window: int | None = None, align: int = 1):
         self.seq = seq
         self.keys, self.values, self.positions = keys, values, positions
         self.lengths = lengths
         self.max_len = max_len
+        self.stored_len = max_len  # max_len when stored: later slots are decode tokens
         self.uniform = uniform
         self.is_identity = is_identity
         self.window = window  # sliding window W: a ring (see ``ring_write``), None: plain append storage
+        self.align = align  # capacities are multiples of this (PAGE for the Triton backend, else 1)
         self.page_table = None  # (n, capacity // PAGE) int32, built on first paged use, reset on growth
+        self.rows = torch.arange(len(seq), device=keys.device)[:, None]  # (n, 1) row index for scatters
+        # Positions of plain (non-ring) buckets are written lazily: appends only record where the
+        # unwritten run starts (slot ``pending_slots`` of each row holds position ``pending_position``,
+        # the next slots the next positions); ``sync_positions`` fills them before anyone reads.
+        self.pending_slots: torch.Tensor | None = None
+        self.pending_position = 0
+        # (n, 1, 1, cap) additive key mask of single-token decode (0 visible, -inf not): a float mask
+        # spares SDPA converting a boolean one every call
+        self.visible: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -54,15 +75,24 @@ class Bucket:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions))
 
+    def slot_bytes(self) -> int:
+        """Bytes of one slot of one sequence (key + value + position)."""
+        return (self.keys.shape[-1] * (self.keys.element_size() + self.values.element_size())
+                + self.positions.element_size())
+
     def reserve(self, extra: int) -> None:
-        """Make room for ``extra`` more tokens per sequence (geometric growth, page aligned; rings up to
-        ``W - 1 + extra``)."""
+        """Make room for ``extra`` more tokens per sequence (aligned; rings up to ``W - 1 + extra``).
+
+        A full bucket grows by the number of tokens appended since it was stored (at least
+        ``MIN_GROWTH``): the decode part doubles, so ``N`` appends reallocate O(log N) times and the
+        copies cost at most about one extra read of the storage per doubling (the attention reads it
+        every step), while the spare room stays a small share of a long prompt's storage."""
         need = self.max_len + extra
         if self.window is not None:
             need = min(need, self.window - 1 + extra)
         if need <= self.capacity:
             return
-        cap = round_page(max(need, int(self.capacity * GROWTH) + MIN_HEADROOM))
+        cap = round_up(max(need, self.capacity + max(MIN_GROWTH, self.max_len - self.stored_len)), self.align)
         if self.window is not None:
             cap = max(need, min(cap, self.window - 1 + extra))
         n, _, d = self.keys.shape
@@ -72,6 +102,52 @@ class Bucket:
             new[:, : self.max_len] = old[:, : self.max_len]
             setattr(self, name, new)
         self.page_table = None
+        self.visible = None
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, first_position: int) -> None:
+        """Write ``q`` new tokens ``keys/values (n, q, D)`` at positions ``first_position + t`` after each
+        plain sequence's last token (room already reserved). Positions are recorded, not written
+        (``sync_positions``); a single-token step also marks the new slots in the cached key mask."""
+        q = keys.shape[1]
+        if self.pending_slots is None:
+            self.pending_slots, self.pending_position = self.lengths.clone(), first_position
+        if self.uniform:
+            start = self.max_len
+            self.keys[:, start:start + q] = keys
+            self.values[:, start:start + q] = values
+        else:
+            slots = self.lengths[:, None] if q == 1 else self.lengths[:, None] + torch.arange(q, device=keys.device)
+            self.keys[self.rows, slots] = keys
+            self.values[self.rows, slots] = values
+            if self.visible is not None and q == 1:
+                self.visible[self.rows, 0, 0, slots] = 0.0
+            else:
+                self.visible = None
+        self.lengths += q
+        self.max_len += q
+
+    def sync_positions(self) -> None:
+        """Fill the positions recorded by ``append`` (``pending_slots``) into ``positions``."""
+        if self.pending_slots is None:
+            return
+        cols = torch.arange(self.capacity, device=self.positions.device)[None, :]
+        offset = cols - self.pending_slots[:, None]
+        written = (offset >= 0) & (cols < self.lengths[:, None])
+        self.positions = torch.where(written, (offset + self.pending_position).to(self.positions.dtype),
+                                     self.positions)
+        self.pending_slots = None
+
+    def key_mask(self, q: int, group: int):
+        """:func:`key_mask` of this plain bucket; for single-token steps an additive mask ``(n, 1, 1, L)``
+        kept on the bucket and updated in place by ``append`` instead of rebuilt every step."""
+        if self.uniform or q != 1:
+            return key_mask(self.lengths, self.max_len, q, group, self.uniform)
+        if self.visible is None:
+            cols = torch.arange(self.capacity, device=self.lengths.device)
+            hidden = (cols[None, :] >= self.lengths[:, None]).view(-1, 1, 1, self.capacity)
+            self.visible = torch.zeros(hidden.shape, dtype=self.keys.dtype, device=hidden.device)
+            self.visible.masked_fill_(hidden, float("-inf"))
+        return self.visible[..., : self.max_len]
 
 
 def key_mask(lengths: torch.Tensor, max_len: int, q: int, group: int, uniform: bool):
@@ -120,7 +196,7 @@ def ring_write(bucket: Bucket, keys: torch.Tensor, values: torch.Tensor, new_pos
     rows = torch.arange(n, device=keys.device)[:, None]
     bucket.keys[rows, target] = keys
     bucket.values[rows, target] = values
-    bucket.positions[rows, target] = new_positions.expand(n, q)
+    bucket.positions[rows, target] = new_positions.to(bucket.positions.dtype).expand(n, q)
     bucket.lengths = (bucket.positions >= 0).sum(-1)
     bucket.max_len = min(cap, bucket.max_len + q)
 
@@ -133,7 +209,7 @@ def bucket_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     return out.squeeze(1)
 
 
-def plan_buckets(lengths: list[int], max_buckets: int = 4, overhead: int = 1024) -> list[list[int]]:
+def plan_buckets(lengths: list[int], max_buckets: int = 4, overhead: int = 256) -> list[list[int]]:
     """Group sequence indices into at most ``max_buckets`` buckets minimising padded work.
 
     Cost of a bucket = ``n * max_len + overhead`` (``overhead`` ~ the price of one extra kernel
@@ -198,7 +274,7 @@ def decode_attention(query: torch.Tensor, buckets: list[Bucket], n_kv_heads: int
         elif backend == "triton":
             res = _triton_bucket(qb, bucket, scaling, q)
         else:
-            mask = key_mask(bucket.lengths, n, q, group, bucket.uniform)
+            mask = bucket.key_mask(q, group)
             res = bucket_attention(qb, bucket.keys[:, :n], bucket.values[:, :n], mask, scaling)
         if out is None:
             out = res

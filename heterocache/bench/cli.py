@@ -47,6 +47,8 @@ def _selection(args) -> tuple[list[int], list[str], list[float], list[int], dict
         raise ValueError(f"--batch {args.batch!r} must be a comma list of integers") from None
     if not batches or min(batches) < 1:
         raise ValueError(f"--batch {args.batch!r}: batch sizes must be >= 1")
+    if not 0 <= args.length_spread < 1:
+        raise ValueError(f"--length-spread {args.length_spread!r} must be in [0, 1)")
     if args.layers is not None and not args.model_config:
         raise ValueError("--layers only applies with --model-config")
     if "full" not in methods:
@@ -74,6 +76,11 @@ def add_bench_command(subparsers) -> None:
     p.add_argument("--warmup", type=at_least(0), default=4, help="untimed decode steps first")
     p.add_argument("--interleave", action="store_true",
                    help="prefill every method, then time their decode steps round-robin (fair on a loaded machine)")
+    p.add_argument("--natural-limit", action="store_true",
+                   help="also time full at keep x context tokens for every keep (the natural limit, same schedule)")
+    p.add_argument("--length-spread", type=float, default=0.0,
+                   help="batch rows of different lengths: row i keeps context*(1 - S*i/(B-1)) tokens, left-padded "
+                        "(0 <= S < 1; default 0: every row full length)")
     p.add_argument("--max-batch", action="store_true",
                    help="find the largest batch that fits per method (CUDA; doubling + bisection)")
     p.add_argument("--max-batch-limit", type=at_least(1), default=256)

@@ -10,7 +10,7 @@ from heterocache.bench.models import bandwidth_bound
 from heterocache.eval.results import ResultLog
 
 KEY_FIELDS = ("kind", "model", "device", "dtype", "threads", "method", "keep", "options", "context", "batch", "steps",
-              "warmup", "schedule")
+              "warmup", "schedule", "natural_limit", "length_spread")
 
 
 def result_key(line: dict) -> str:
@@ -29,27 +29,39 @@ def open_results(out_dir: Path | None) -> ResultLog:
 
 
 def derive(lines: list[dict]) -> list[dict]:
-    """Decode lines + ``speedup_vs_full``, ``bound_speedup``, ``fraction_of_bound`` (speedup / bound)
-    and ``fraction_of_gain`` ((speedup - 1) / (bound - 1)), pairing each line with the ``full`` line of
-    the same model, device, dtype, threads, context, batch, step counts and schedule."""
+    """Decode lines + ``speedup_vs_full``, ``bound_speedup``, ``fraction_of_bound`` (speedup / bound),
+    ``fraction_of_gain`` ((speedup - 1) / (bound - 1)) and ``vs_natural_limit`` (this method's ms/token
+    at keep r / FullKV's at r x context, the natural limit measured in the same group), pairing each
+    line with the ``full`` line of the same model, device, dtype, threads, context, batch, step counts,
+    schedule and length spread. A natural-limit line (``natural_limit`` = the context it stands for)
+    pairs with the full line of that context; its kept fraction counts against that context."""
     def pair(line):
-        return (*(line[k] for k in ("model", "device", "dtype", "context", "batch", "steps", "warmup")),
-                line.get("threads"), line.get("schedule", "sequential"))
+        return (*(line[k] for k in ("model", "device", "dtype", "batch", "steps", "warmup")),
+                line.get("natural_limit") or line["context"], line.get("threads"),
+                line.get("schedule", "sequential"), line.get("length_spread"))
 
     latest = {}  # a line measured again (resume, interleaved groups) replaces the earlier one
     for line in lines:
         if line["kind"] == "decode":
-            latest[(pair(line), line["method"], line["keep"], json.dumps(line.get("options"), sort_keys=True))] = line
-    full = {pair(x): x for x in latest.values() if x["method"] == "full"}
+            latest[(pair(line), line["method"], line["keep"], line.get("natural_limit"),
+                    json.dumps(line.get("options"), sort_keys=True))] = line
+    full = {pair(x): x for x in latest.values() if x["method"] == "full" and not x.get("natural_limit")}
+    natural = {(pair(x), x["keep"]): x for x in latest.values() if x.get("natural_limit")}
     rows = []
     for line in latest.values():
         row = dict(line)
         ref = full.get(pair(line))
-        bound = bandwidth_bound(line["weight_bytes"], line["kv_full_bytes"], line["cache"]["keep_fraction"])
+        kept, kv = line["cache"]["keep_fraction"], line["kv_full_bytes"]
+        if line.get("natural_limit"):
+            kv = kv * line["natural_limit"] / line["context"]
+            kept = kept * line["context"] / line["natural_limit"]
+        bound = bandwidth_bound(line["weight_bytes"], kv, kept)
         speedup = ref["decode_ms"] / line["decode_ms"] if ref else None
+        limit = natural.get((pair(line), line["keep"])) if line["method"] != "full" else None
         row.update(speedup_vs_full=speedup, bound_speedup=bound,
                    fraction_of_bound=speedup / bound if speedup else None,
-                   fraction_of_gain=(speedup - 1) / (bound - 1) if speedup and bound > 1 + 1e-9 else None)
+                   fraction_of_gain=(speedup - 1) / (bound - 1) if speedup and bound > 1 + 1e-9 else None,
+                   vs_natural_limit=line["decode_ms"] / limit["decode_ms"] if limit else None)
         rows.append(row)
     return rows
 
@@ -58,22 +70,37 @@ def megabytes(value) -> str:
     return f"{value / 2**20:.1f}"
 
 
+def _label(row: dict) -> str:
+    return "full (natural limit)" if row.get("natural_limit") else row["method"]
+
+
+def _time_shares(row: dict) -> str:
+    return ", ".join(f"{name} {share:.1%}" for name, share in sorted(row.get("time_shares", {}).items())) or "-"
+
+
 def markdown_table(rows: list[dict], max_batches: list[dict] = ()) -> str:
-    """One row per result; the footnote explains the bound and the timing protocol."""
+    """One row per result; the footnote explains the bound, the natural limit and the timing protocol."""
     head = ("| method | keep | kept | context | batch | threads | schedule | prefill s | decode ms/token | tokens/s "
-            "| speedup vs full | bound | of bound | read MB/token | peak MB | cache device MB | cache host MB |")
+            "| speedup vs full | bound | of bound | ms / natural limit | read MB/token | peak MB | cache device MB "
+            "| of which overhead MB | cache host MB | timed parts (share of decode) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    order = sorted(rows, key=lambda r: (r["model"], r.get("threads", 0), r.get("schedule", ""), r["context"], r["batch"],
-                                        r["method"] != "full", r["method"], -r["keep"]))
+    order = sorted(rows, key=lambda r: (r["model"], r.get("threads", 0), r.get("schedule", ""),
+                                        r.get("natural_limit") or r["context"], r["batch"],
+                                        str(r.get("length_spread")), r["method"] != "full",
+                                        bool(r.get("natural_limit")), r["method"], -r["keep"]))
     for r in order:
         speed = "n/a" if r["speedup_vs_full"] is None else f"{r['speedup_vs_full']:.2f}x"
         share = "n/a" if r["fraction_of_bound"] is None else f"{r['fraction_of_bound']:.0%}"
+        natural = "-" if r.get("vs_natural_limit") is None else f"{r['vs_natural_limit']:.2f}"
         cache = r["cache"]
-        cells = [r["method"], f"{r['keep']:g}", f"{cache['keep_fraction']:.3f}", r["context"], r["batch"],
+        batch = r["batch"] if "prompt_lengths" not in r else f"{r['batch']} ({'/'.join(map(str, r['prompt_lengths']))})"
+        cells = [_label(r), f"{r['keep']:g}", f"{cache['keep_fraction']:.3f}", r["context"], batch,
                  r.get("threads"), r.get("schedule", "sequential"), f"{r['prefill_s']:.2f}", f"{r['decode_ms']:.1f}",
-                 f"{r['tokens_per_s']:.1f}", speed, f"{r['bound_speedup']:.2f}x", share,
+                 f"{r['tokens_per_s']:.1f}", speed, f"{r['bound_speedup']:.2f}x", share, natural,
                  megabytes(r["read_bytes_per_token"]), megabytes(r["peak_memory_bytes"]),
-                 megabytes(cache["device_bytes"]), megabytes(cache["host_bytes"])]
+                 megabytes(cache["device_bytes"]),
+                 megabytes(cache["device_overhead_bytes"]) if "device_overhead_bytes" in cache else "n/a",
+                 megabytes(cache["host_bytes"]), _time_shares(r)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     text = "\n".join(lines) + "\n"
     if rows:
@@ -81,6 +108,9 @@ def markdown_table(rows: list[dict], max_batches: list[dict] = ()) -> str:
         notes = "; ".join(sorted({x["peak_memory_note"] for x in rows}))
         text += (f"\nbound = (W + KV) / (W + r*KV): W = {megabytes(r['weight_bytes'])} MB of weights read per decode "
                  "token, KV = full KV bytes at the context, r = measured kept fraction; of bound = speedup / bound. "
+                 "Natural limit (--natural-limit) = full at keep x context tokens, timed in the same group; "
+                 "ms / natural limit = method at keep r, context C / full at r*C (1.00 = at the limit). "
+                 "Overhead = decode headroom + bucket padding of the cache storage (stats()). "
                  f"Decode = median of {r['steps']} steps after {r['warmup']} warm-up ({r['device']}, {r['dtype']}). "
                  f"peak: {notes}.\n")
     if max_batches:
@@ -99,7 +129,7 @@ def plot(rows: list[dict], path: Path) -> None:
     styles: dict[str, str] = {}
     varying = [k for k in ("batch", "threads", "schedule") if len({str(x.get(k)) for x in rows}) > 1]
     for r in sorted(rows, key=lambda r: r["context"]):
-        label = r["method"] if r["method"] == "full" else f"{r['method']} keep {r['keep']:g}"
+        label = _label(r) if r["method"] == "full" else f"{r['method']} keep {r['keep']:g}"
         setting = ", ".join(f"{k} {r.get(k)}" for k in varying)
         if setting:  # one line per setting, never joining points measured under different settings
             label += f" ({setting})"

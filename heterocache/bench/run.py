@@ -25,23 +25,42 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def prefill(feeder: Feeder, input_ids: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """One prefill forward of ``input_ids (B, T)`` into ``feeder``'s cache: ``(seconds, next token (B, 1))``."""
+def prefill(feeder: Feeder, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
+    """One prefill forward of ``input_ids (B, T)`` (``mask (B, T)``: 0 on left padding) into ``feeder``'s
+    cache: ``(seconds, next token (B, 1))``."""
+    kwargs = {} if mask is None else {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
     _sync(input_ids.device)
     start = time.perf_counter()
     with torch.no_grad():
-        token = feeder(input_ids, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
+        token = feeder(input_ids, logits_to_keep=1, **kwargs)[:, -1].argmax(-1, keepdim=True)
     _sync(input_ids.device)
     return time.perf_counter() - start, token
 
 
-def decode_step(feeder: Feeder, token: torch.Tensor) -> tuple[float, torch.Tensor]:
+def decode_step(feeder: Feeder, token: torch.Tensor, **forward_kwargs) -> tuple[float, torch.Tensor]:
     """One greedy single-token forward: ``(milliseconds, next token (B, 1))``."""
     start = time.perf_counter()
     with torch.no_grad():
-        token = feeder(token)[:, -1].argmax(-1, keepdim=True)
+        token = feeder(token, **forward_kwargs)[:, -1].argmax(-1, keepdim=True)
     _sync(token.device)
     return (time.perf_counter() - start) * 1000, token
+
+
+class _Decoder:
+    """One run's decode state: its cache, last token and, for left-padded batches, mask and positions."""
+
+    def __init__(self, feeder: Feeder, token: torch.Tensor, mask: torch.Tensor | None):
+        self.feeder, self.token, self.mask = feeder, token, mask
+        self.position = None if mask is None else mask.sum(-1, keepdim=True)  # (B, 1) next RoPE position
+
+    def step(self) -> float:
+        if self.mask is None:
+            ms, self.token = decode_step(self.feeder, self.token)
+            return ms
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=-1)
+        ms, self.token = decode_step(self.feeder, self.token, attention_mask=self.mask, position_ids=self.position)
+        self.position = self.position + 1
+        return ms
 
 
 def _jsonable(value):
@@ -66,69 +85,97 @@ class Bench:
         self.geometry = model_geometry(model)
         self.weight_bytes = weight_read_bytes(model)
 
-    def prompt(self, context: int, batch: int) -> torch.Tensor:
+    def prompt(self, context: int, batch: int, spread: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Random ids ``(B, context)``; with ``spread`` > 0 row ``i`` has ``context * (1 - spread * i / (B - 1))``
+        real tokens, left-padded, and the mask ``(B, context)`` (0 on padding) comes along (else None)."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + context * 131 + batch)
         vocab = self.model.config.get_text_config().vocab_size
-        return torch.randint(3, vocab, (batch, context), generator=gen).to(self.device)
+        ids = torch.randint(3, vocab, (batch, context), generator=gen)
+        if spread <= 0 or batch == 1:
+            return ids.to(self.device), None
+        lengths = [max(1, round(context * (1 - spread * i / (batch - 1)))) for i in range(batch)]
+        mask = (torch.arange(context)[None, :] >= context - torch.tensor(lengths)[:, None]).long()
+        return ids.masked_fill(mask == 0, 0).to(self.device), mask.to(self.device)
 
     def key(self, **fields) -> dict:
         return {"model": self.model_tag, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "threads": torch.get_num_threads(), **fields}
 
-    def measure(self, runs: list[tuple[str, float, dict]], context: int, batch: int, steps: int, warmup: int,
-                schedule: str = "sequential") -> list[dict]:
-        """Prefill a cache per ``(method, keep, options)`` run, then time their decode steps round-robin.
+    def measure(self, runs: list[tuple], context: int, batch: int, steps: int, warmup: int,
+                schedule: str = "sequential", spread: float = 0.0) -> list[dict]:
+        """Prefill a cache per ``(method, keep, options[, run_context])`` run, then time their decode steps
+        round-robin.
 
         With one run this is the plain protocol; with several (``schedule="interleaved"``) every
         method sees the same machine load, which keeps speedups meaningful on a shared machine (CUDA
-        peak memory is then the group's). A run whose method rejects the setting (``ValueError``) is
-        skipped with a message. Returns one result line per measured run.
+        peak memory is then the group's). A ``run_context`` other than ``context`` is the natural
+        limit of a keep: ``full`` at ``keep * context`` tokens (a prompt of that length; its line has
+        ``natural_limit = context``). A run whose method rejects the setting (``ValueError``) is
+        skipped with a message. ``spread``: left-padded batch rows of different lengths
+        (:meth:`prompt`). Returns one result line per measured run.
         """
-        ids = self.prompt(context, batch)
-        measured, caches, tokens, prefills = [], [], [], []
+        measured, decoders, prefills = [], [], []
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
-            for method, keep, options in runs:
+            for run in runs:
+                method, keep, options = run[:3]
+                run_context = run[3] if len(run) > 3 else context
+                ids, mask = self.prompt(run_context, batch, spread)
                 try:
-                    caches.append(Feeder.open(self.model, method, keep, options))
-                    seconds, token = prefill(caches[-1], ids)
+                    feeder = Feeder.open(self.model, method, keep, options)
                 except ValueError as err:
                     print(f"bench: skipping {method} keep={keep:g} context={context}: {err}")
-                    if len(caches) > len(measured):
-                        caches.pop().close()
                     continue
-                measured.append((method, keep, options))
+                try:
+                    seconds, token = prefill(feeder, ids, mask)
+                except ValueError as err:
+                    print(f"bench: skipping {method} keep={keep:g} context={context}: {err}")
+                    feeder.close()
+                    continue
+                measured.append((method, keep, options, run_context, mask))
                 prefills.append(seconds)
-                tokens.append(token)
-            times = [[] for _ in caches]
+                decoders.append(_Decoder(feeder, token, mask))
+            times = [[] for _ in decoders]
             for _ in range(warmup + steps):
-                for i, cache in enumerate(caches):
-                    ms, tokens[i] = decode_step(cache, tokens[i])
-                    times[i].append(ms)
-            return [self._line(m, k, o, context, batch, steps, warmup, prefills[i], times[i][warmup:], caches[i],
-                               schedule) for i, (m, k, o) in enumerate(measured)]
+                for i, decoder in enumerate(decoders):
+                    times[i].append(decoder.step())
+            return [self._line(m, k, o, context, batch, steps, warmup, prefills[i], times[i], decoders[i].feeder,
+                               schedule, run_context, mask, spread)
+                    for i, (m, k, o, run_context, mask) in enumerate(measured)]
         finally:
-            for cache in caches:
-                cache.close()
+            for decoder in decoders:
+                decoder.feeder.close()
 
-    def _line(self, method, keep, options, context, batch, steps, warmup, prefill_s, times, cache,
-              schedule) -> dict:
+    def _line(self, method, keep, options, context, batch, steps, warmup, prefill_s, all_times, cache,
+              schedule, run_context, mask, spread) -> dict:
         stats = cache.stats()
+        times = all_times[warmup:]
         decode_ms = statistics.median(times)
-        full_kv = kv_bytes(self.geometry, context, batch, self.dtype)
+        prompt_tokens = run_context * batch if mask is None else int(mask.sum())
+        full_kv = kv_bytes(self.geometry, prompt_tokens, 1, self.dtype)
         if self.device.type == "cuda":
             peak, note = torch.cuda.max_memory_allocated(self.device), "cuda max_memory_allocated"
         else:
             peak, note = stats["device_bytes"], CPU_MEMORY_NOTE
+        decode_s = sum(all_times) / 1000  # every decode step of this cache, warm-up included
+        # time counters a method reports (stats keys ending in "_s") as a share of its decode time
+        shares = {name: value / decode_s for name, value in stats.items()
+                  if name.endswith("_s") and isinstance(value, (int, float)) and not isinstance(value, bool)}
+        extra = {}
+        if run_context != context:
+            extra["natural_limit"] = context
+        if mask is not None:
+            extra["length_spread"] = spread
+            extra["prompt_lengths"] = mask.sum(-1).tolist()
         return {
-            "kind": "decode", **self.key(method=method, keep=keep, options=_jsonable(options), context=context,
-                                         batch=batch, steps=steps, warmup=warmup, schedule=schedule),
+            "kind": "decode", **self.key(method=method, keep=keep, options=_jsonable(options), context=run_context,
+                                         batch=batch, steps=steps, warmup=warmup, schedule=schedule, **extra),
             "prefill_s": prefill_s, "decode_ms": decode_ms, "decode_ms_steps": times,
             "tokens_per_s": batch * 1000.0 / decode_ms, "peak_memory_bytes": int(peak), "peak_memory_note": note,
             "cache": _jsonable(stats), "weight_bytes": self.weight_bytes, "kv_full_bytes": full_kv,
-            "read_bytes_per_token": self.weight_bytes + stats["keep_fraction"] * full_kv,
+            "read_bytes_per_token": self.weight_bytes + stats["keep_fraction"] * full_kv, "time_shares": shares,
             "torch": torch.__version__, "load_average": os.getloadavg()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
 
@@ -173,10 +220,13 @@ def run_bench(args, contexts: list[int], methods: list[str], keeps: list[float],
     schedule = "interleaved" if args.interleave else "sequential"
     grid = method_grid(methods, keeps)
 
+    spread = args.length_spread
+
     def decode_key(method: str, keep: float, context: int, batch: int) -> dict:
+        extra = {"length_spread": spread} if spread > 0 and batch > 1 else {}
         return {"kind": "decode", **bench.key(method=method, keep=keep, options=_jsonable(options.get(method, {})),
                                               context=context, batch=batch, steps=args.steps, warmup=args.warmup,
-                                              schedule=schedule)}
+                                              schedule=schedule, **extra)}
 
     def max_batch_key(method: str, keep: float, context: int) -> dict:
         return {"kind": "max_batch", **bench.key(method=method, keep=keep, options=_jsonable(options.get(method, {})),
@@ -187,16 +237,20 @@ def run_bench(args, contexts: list[int], methods: list[str], keeps: list[float],
         for (context, batch), todo in pending(settings, grid,
                                               lambda s, m, k: result_key(decode_key(m, k, *s)) in results):
             runs = [(method, keep, options.get(method, {})) for method, keep in todo]
+            # the natural limit of keep r: full at r * context tokens, in the same group as the methods
+            natural = [("full", keep, options.get("full", {}), round(keep * context))
+                       for keep in (keeps if args.natural_limit else []) if round(keep * context) >= 1]
             if args.interleave:
                 if runs[0][0] != "full":  # the reference must share the schedule: measure it again
                     runs.insert(0, ("full", 1.0, options.get("full", {})))
-                groups = [runs]
+                groups = [runs + natural]
             else:
-                groups = [[run] for run in runs]
+                groups = [[run] for run in runs + natural]
             for group in groups:
-                for line in bench.measure(group, context, batch, args.steps, args.warmup, schedule):
+                for line in bench.measure(group, context, batch, args.steps, args.warmup, schedule, spread):
                     results.append(line)
-                    print(f"  {line['method']:13s} keep={line['keep']:<5g} context={context:<6d} batch={batch:<3d} "
+                    label = line["method"] if "natural_limit" not in line else "full (natural limit)"
+                    print(f"  {label:13s} keep={line['keep']:<5g} context={line['context']:<6d} batch={batch:<3d} "
                           f"prefill {line['prefill_s']:.2f} s  decode {line['decode_ms']:.1f} ms/token  kept "
                           f"{line['cache']['keep_fraction']:.3f}", flush=True)
         if args.max_batch and bench.device.type != "cuda":
