@@ -188,8 +188,9 @@ class DynamicRetrieval:
         for i, seq in enumerate(slots.seq):
             bucket_index, row = layer.locate[seq]
             bucket = layer.buckets[bucket_index]
+            bucket.sync_positions()
             n = int(bucket.lengths[row])
-            positions = bucket.positions[row, :n]
+            positions = bucket.positions[row, :n].long()
             inside = (positions >= 0) & (positions < slots.resident.shape[-1])
             mine = torch.nonzero(inside & slots.resident[i, positions.clamp(min=0, max=slots.resident.shape[-1] - 1)])
             mine = mine.flatten()
@@ -245,7 +246,7 @@ class DynamicRetrieval:
                 rows = slots.row_of[seq[mine]]
                 bucket.keys[rows, storage[mine]] = keys[mine].to(bucket.keys.dtype)
                 bucket.values[rows, storage[mine]] = values[mine].to(bucket.values.dtype)
-                bucket.positions[rows, storage[mine]] = positions[mine]
+                bucket.positions[rows, storage[mine]] = positions[mine].to(bucket.positions.dtype)
             slots.current[seq, into] = positions
             self.counters.bytes += 2 * positions.numel() * keys.shape[-1] * keys.element_size()
             self.counters.tokens += positions.numel()
