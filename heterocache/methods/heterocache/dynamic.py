@@ -119,13 +119,14 @@ def choose(slots: LayerSlots, queries: torch.Tensor, page: int, stick: float) ->
     """Prompt positions ``(n, width)`` for the dynamic slots from ``queries (n, R, D)`` (R = group x q)."""
     length = slots.base.shape[-1]
     if slots.basis is not None:  # per-token sketch
-        projected = torch.bmm(queries.float(), slots.basis).to(slots.summaries.dtype)  # (n, R, r)
-        bound = torch.bmm(projected, slots.summaries).float() * slots.scaling  # (n, R, T)
+        # fp32 compute: a bf16 bmm on CPU costs more than widening the stored index each step
+        projected = torch.bmm(queries.float(), slots.basis)  # (n, R, r)
+        bound = torch.bmm(projected, slots.summaries.float()) * slots.scaling  # (n, R, T)
         bound = bound + slots.base[:, None]
         bound = bound - bound.amax(-1, keepdim=True).clamp(min=-1e30)
         token = bound.amax(1)
     else:
-        bound = torch.bmm(queries.to(slots.summaries.dtype), slots.summaries).float() * slots.scaling  # (n, R, P)
+        bound = torch.bmm(queries.float(), slots.summaries.float()) * slots.scaling  # (n, R, P)
         bound = bound.masked_fill_(~slots.has_page[:, None], float("-inf"))
         bound = bound - bound.amax(-1, keepdim=True).clamp(min=-1e30)
         page_score = bound.amax(1)  # (n, P)
