@@ -180,6 +180,9 @@ class HeadwiseLayer(CacheLayerMixin):
             for row, member in enumerate(members):
                 self.locate[member] = (len(self.buckets), row)
             self.buckets.append(bucket)
+        # the same map as tensors, for vectorised slot writes (write_slots)
+        self.locate_bucket = torch.tensor([bucket for bucket, _ in self.locate], device=keys.device)
+        self.locate_row = torch.tensor([row for _, row in self.locate], device=keys.device)
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Append ``q`` new tokens ``(B, Hkv, q, D)`` at positions ``seen..seen+q-1`` to every head."""
@@ -248,6 +251,19 @@ class HeadwiseLayer(CacheLayerMixin):
             bk.keys[row, :n] = keys[i, :n].to(bk.keys.dtype)
             bk.values[row, :n] = values[i, :n].to(bk.values.dtype)
             bk.positions[row, :n] = positions[i, :n]
+
+    def write_slots(self, seq_ids: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    positions: torch.Tensor) -> None:
+        """Overwrite storage slot ``slots[i]`` of sequence ``seq_ids[i]`` (b * Hkv + h) with ``keys[i]``,
+        ``values[i] (D,)`` at prompt position ``positions[i]``; lengths are unchanged (methods that
+        refill chosen slots in place, e.g. HeteroCache's dynamic slots)."""
+        bucket_of, rows = self.locate_bucket[seq_ids], self.locate_row[seq_ids]
+        for index, bucket in enumerate(self.buckets):
+            mine = bucket_of == index if len(self.buckets) > 1 else slice(None)
+            where = (rows[mine], slots[mine])
+            bucket.keys[where] = keys[mine].to(bucket.keys.dtype)
+            bucket.values[where] = values[mine].to(bucket.values.dtype)
+            bucket.positions[where] = positions[mine].to(bucket.positions.dtype)
 
     def restrict(self, keep: torch.Tensor) -> None:
         """Keep a subset of the stored entries: ``keep (B, Hkv, L)`` over the ``padded()`` layout."""

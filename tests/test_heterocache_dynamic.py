@@ -154,7 +154,7 @@ def test_full_rank_sketch_selects_the_exact_top_tokens():
     selectable = torch.ones(n, length, dtype=torch.bool)
     selectable[:, :4] = False  # sinks held statically
     sketch, basis = key_sketch(keys, torch.ones(n, length, dtype=torch.bool), d)  # rank = D: exact
-    slots = LayerSlots(seq=[0, 1], static=~selectable, selectable=selectable,
+    slots = LayerSlots(seq=[0, 1],
                        resident=torch.zeros(n, length, dtype=torch.bool), counts=torch.full((n,), width), width=width,
                        summaries=sketch.transpose(1, 2).contiguous(), has_page=selectable, basis=basis, scaling=0.3,
                        base=selection_base(selectable))

@@ -59,8 +59,6 @@ class LayerSlots:
     """Dynamic-slot state of one layer: ``n`` sequences (batch row x compressed KV head)."""
 
     seq: list[int]  # cache sequence ids b * Hkv + h
-    static: torch.Tensor  # (n, T) bool: prompt slots held statically
-    selectable: torch.Tensor  # (n, T) bool: valid and not static
     resident: torch.Tensor  # (n, T) bool: prompt slots now in the dynamic slots
     counts: torch.Tensor  # (n,) dynamic slots per sequence
     width: int  # max(counts)
@@ -68,12 +66,10 @@ class LayerSlots:
     has_page: torch.Tensor  # pages: (n, P) bool, the page holds a selectable token; sketch: unused
     basis: torch.Tensor | None  # sketch: (n, D, r) fp32 top right singular vectors of the keys
     scaling: float
-    base: torch.Tensor  # (n, T) fp32: -inf where not selectable, else a tiny recency tie-break
+    base: torch.Tensor  # (n, T) fp32: -inf where not selectable (static, padding), else a recency tie-break
     slots: torch.Tensor | None = None  # (n, width) storage slot of each dynamic slot
     current: torch.Tensor | None = None  # (n, width) prompt position each dynamic slot holds
-    bucket_of: torch.Tensor | None = None  # (n,) bucket of each sequence
-    row_of: torch.Tensor | None = None  # (n,) its row in that bucket
-    buckets: list[int] | None = None  # buckets holding these sequences
+    seq_ids: torch.Tensor | None = None  # ``seq`` as a tensor
     version: int = -1  # the layer storage version ``slots`` was computed for
 
 
@@ -176,8 +172,7 @@ class DynamicRetrieval:
         counts = dynamic.reshape(-1, length).sum(-1)
         n_kv = ctx.n_kv_heads
         self.layers[ctx.layer_idx] = LayerSlots(
-            seq=[row * n_kv + h for row in range(b) for h in heads], static=static, selectable=selectable,
-            resident=dynamic.reshape(-1, length).clone(), counts=counts, width=int(counts.max()),
+            seq=[row * n_kv + h for row in range(b) for h in heads], resident=dynamic.reshape(-1, length).clone(), counts=counts, width=int(counts.max()),
             summaries=summaries, has_page=has, basis=basis, scaling=ctx.scaling, base=selection_base(selectable),
         )
 
@@ -204,9 +199,7 @@ class DynamicRetrieval:
                 found[i, count:] = mine[-1]
                 current[i] = positions[found[i]]
         slots.slots, slots.current = found, current
-        slots.bucket_of = torch.tensor([layer.locate[seq][0] for seq in slots.seq], device=layer.device)
-        slots.row_of = torch.tensor([layer.locate[seq][1] for seq in slots.seq], device=layer.device)
-        slots.buckets = sorted(set(slots.bucket_of.tolist()))
+        slots.seq_ids = torch.tensor(slots.seq, device=layer.device)
         slots.version = layer.version
 
     def before_attention(self, layer, queries: torch.Tensor) -> None:
@@ -240,14 +233,7 @@ class DynamicRetrieval:
             into = into[pair]
             keys, values = self.tier.gather(layer.layer_idx, seq, positions[:, None])  # (m, 1, D)
             keys, values = keys[:, 0].to(layer.device, non_blocking=True), values[:, 0].to(layer.device, non_blocking=True)
-            storage = slots.slots[seq, into]
-            for bucket_index in slots.buckets:
-                bucket = layer.buckets[bucket_index]
-                mine = slots.bucket_of[seq] == bucket_index if len(slots.buckets) > 1 else slice(None)
-                rows = slots.row_of[seq[mine]]
-                bucket.keys[rows, storage[mine]] = keys[mine].to(bucket.keys.dtype)
-                bucket.values[rows, storage[mine]] = values[mine].to(bucket.values.dtype)
-                bucket.positions[rows, storage[mine]] = positions[mine].to(bucket.positions.dtype)
+            layer.write_slots(slots.seq_ids[seq], slots.slots[seq, into], keys, values, positions)
             slots.current[seq, into] = positions
             self.counters.bytes += 2 * positions.numel() * keys.shape[-1] * keys.element_size()
             self.counters.tokens += positions.numel()

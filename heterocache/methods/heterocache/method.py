@@ -260,7 +260,7 @@ class HeteroCache(Method):
         n_layers, n_heads = len(self.layer_windows), self.n_kv_heads
         if keep >= 1.0:  # FullKV: nothing to retrieve, no summaries
             return [[prompt_len] * n_heads for _ in range(n_layers)], [[True] * n_heads for _ in range(n_layers)]
-        summary_bytes = torch.empty((), dtype=getattr(torch, self.summary_dtype)).element_size()
+        summary_bytes = self.summary_element_size
         if self.resolved_index(keep) == "sketch":
             rank = min(self.rank, self.head_dim, prompt_len)
             per_head = sketch_tokens(prompt_len, rank, self.head_dim, summary_bytes, self.kv_bytes)
@@ -283,12 +283,15 @@ class HeteroCache(Method):
         budgets = [shares[layer * n_heads:(layer + 1) * n_heads] for layer in range(n_layers)]
         return budgets, [[False] * n_heads for _ in range(n_layers)]
 
+    @property
+    def summary_element_size(self) -> int:
+        return torch.empty((), dtype=getattr(torch, self.summary_dtype)).element_size()
+
     def resolved_index(self, keep: float) -> str:
         """``index="auto"``: the sketch when its bytes are at most a quarter of a head's budget."""
         if self.index != "auto":
             return self.index
-        summary_bytes = torch.empty((), dtype=getattr(torch, self.summary_dtype)).element_size()
-        share = min(self.rank, self.head_dim) * summary_bytes / (2 * self.head_dim * self.kv_bytes)
+        share = min(self.rank, self.head_dim) * self.summary_element_size / (2 * self.head_dim * self.kv_bytes)
         return "sketch" if share <= 0.25 * keep else "pages"
 
     def budgets(self, keep: float, prompt_len: int, n_layers: int, n_kv_heads: int) -> list[list[int]]:
