@@ -1,8 +1,9 @@
 """``heterocache demo``: passkey retrieval over Paul Graham essays on the embedded model.
 
-Each method answers the same prompts (a 5-digit pass key hidden at depths 0.1 / 0.5 / 0.9 of a
-~3K-token haystack, where the embedded model with FullKV answers all of them; chat template,
-greedy) through its compressed cache. By default the question is asked AFTER compression
+Each method answers the same prompts (the PEERS.md passkey protocol of ``eval/tasks/passkey.py``
+with one key per depth: a 5-digit pass key hidden at depths 0.1 / 0.5 / 0.9 of a 3K-token haystack,
+where the embedded model with FullKV answers all of them; chat template, greedy, 12 tokens, a hit
+when the answer's first number is the key) through its compressed cache. By default the question is asked AFTER compression
 (``question_mode="decode"``: the context is compressed without knowing the question, what a
 cached-context or multi-turn user gets), so a method must keep, or fetch back, what the question
 will need. The table shows the answers, hits, the measured kept fraction, device and host bytes of
@@ -24,7 +25,7 @@ def run_demo(methods: list[str], keep: float, out_dir: Path, length: int = 3000,
              model_name: str | None = None) -> int:
     import heterocache as hc
     from heterocache.eval.grid import Feeder
-    from heterocache.eval.runner import generate_one
+    from heterocache.eval.runner import generate_one, score_prediction
     from heterocache.eval.tasks import passkey
     from heterocache.eval.tasks.base import encode_prompt
 
@@ -35,7 +36,7 @@ def run_demo(methods: list[str], keep: float, out_dir: Path, length: int = 3000,
     start = time.perf_counter()
     model, tok = hc.load_model(model_name)
     print(f"model loaded in {time.perf_counter() - start:.1f}s")
-    samples = list(passkey.load(tokenizer=tok, lengths=[length], samples=1, max_new_tokens=12))
+    samples = list(passkey.load(tokenizer=tok, lengths=[length], samples=1))
     rows = []
     for method in methods:
         method_keep = 1.0 if method == "full" else keep
@@ -48,7 +49,7 @@ def run_demo(methods: list[str], keep: float, out_dir: Path, length: int = 3000,
             cache.close()
             answer = result["prediction"].strip()
             answers.append(answer)
-            hits += int(sample.gold[0] in answer)
+            hits += int(score_prediction(sample, answer) == 1.0)  # the first number is the key
             kept.append(stats["keep_fraction"])
             device.append(stats["device_bytes"])
             host.append(stats.get("host_bytes", 0) + stats.get("disk_bytes", 0))

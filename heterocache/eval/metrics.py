@@ -216,7 +216,8 @@ def _typed_label(gold: list[str], sample: Any, strict_official: bool) -> Any:
 
 
 def first_int_match(prediction: str, gold: list[str], sample=None, strict_official=True) -> float:
-    """Retrieve.PassKey / Retrieve.Number: the first digit run equals the label."""
+    """The first digit run (maximal run of 0-9) equals the label: InfiniteBench Retrieve.PassKey /
+    Retrieve.Number, and the single-key passkey task (PEERS.md: "12345678" misses the key 12345)."""
     return float(_first_digit_run(prediction) == str(gold[0]))
 
 
