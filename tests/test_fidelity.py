@@ -43,7 +43,8 @@ def test_kl_top1_nll_on_hand_computed_distributions():
 
 def test_window_offsets_follow_python_random():
     rng = random.Random(1234)
-    assert window_offsets(10_000, 3000, 64, 3, 1234) == [rng.randint(0, 10_000 - 3064) for _ in range(3)]
+    assert window_offsets(10_000, 3000, 64, 3, 1234) == [rng.randrange(0, 10_000 - 3064) for _ in range(3)]
+    assert window_offsets(3064, 3000, 64, 2, 1234) == [0, 0]
     with pytest.raises(ValueError, match="fewer than"):
         window_offsets(100, 90, 20, 1, 0)
 
@@ -66,7 +67,7 @@ def test_full_vs_full_and_resume(tiny, tmp_path):
     path = run_fidelity(model, tok, config)
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     assert len(lines) == 4
-    ids = tok(essays[:1000] + essays[5000:6000], add_special_tokens=False)["input_ids"]
+    ids = tok(essays[:1000] + "\n\n" + essays[5000:6000], add_special_tokens=False)["input_ids"]
     for line in lines:
         if line["method"] == "full":
             assert line["kl"] == pytest.approx(0.0, abs=1e-6) and line["top1"] == 1.0

@@ -1,7 +1,7 @@
 """Teacher-forced fidelity of a compressed cache against FullKV (the PEERS.md protocol by default).
 
-The essays are concatenated in file-name order and tokenised; ``windows`` offsets are drawn with
-``random.Random(seed).randint(0, n_tokens - context - continuation)``. Per window the ``context``
+The essays are read in file-name order, joined with ``"\n\n"`` and tokenised whole; ``windows``
+offsets are drawn in a row with ``random.Random(seed).randrange(0, n_tokens - context - continuation)``. Per window the ``context``
 tokens are prefilled (and compressed), then the true continuation is fed one token per forward, so
 ``continuation`` next-token distributions are scored: the prefill's last one and one per fed token
 (the last continuation token itself is never fed). Against the FullKV distributions ``p`` (a plain
@@ -32,6 +32,9 @@ from heterocache.eval.grid import Feeder, method_grid, pending
 from heterocache.eval.results import ResultLog, fidelity_key
 from heterocache.eval.tasks.essays import essay_text
 
+ESSAY_SEPARATOR = "\n\n"  # between essays (PEERS.md protocol)
+PROTOCOL = 2  # 1: essays joined without separator, offsets by randint (logs before 2026-11-29)
+
 
 @dataclass
 class FidelityConfig:
@@ -49,7 +52,8 @@ class FidelityConfig:
 
     def settings_key(self) -> str:
         blob = json.dumps({"options": self.method_options, "N": self.context, "M": self.continuation,
-                           "seed": self.seed, "text_dir": self.text_dir}, sort_keys=True)
+                           "seed": self.seed, "text_dir": self.text_dir,
+                           "protocol": PROTOCOL}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
@@ -77,8 +81,10 @@ def window_offsets(n_tokens: int, context: int, continuation: int, windows: int,
     if span < 0:
         raise ValueError(f"the text has {n_tokens} tokens, fewer than context + continuation = "
                          f"{context + continuation}")
+    if span == 0:
+        return [0] * windows
     rng = random.Random(seed)
-    return [rng.randint(0, span) for _ in range(windows)]
+    return [rng.randrange(0, span) for _ in range(windows)]
 
 
 @torch.inference_mode()
@@ -110,7 +116,7 @@ def run_fidelity(model, tokenizer, config: FidelityConfig) -> Path:
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "fidelity.jsonl"
-    ids = tokenizer(essay_text(config.text_dir), add_special_tokens=False, verbose=False)["input_ids"]
+    ids = tokenizer(essay_text(config.text_dir, ESSAY_SEPARATOR), add_special_tokens=False, verbose=False)["input_ids"]
     offsets = window_offsets(len(ids), config.context, config.continuation, config.windows, config.seed)
     settings = config.settings_key()
     grid = method_grid(config.methods, config.keeps)

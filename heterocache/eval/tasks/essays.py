@@ -35,10 +35,11 @@ def essays_dir(text_dir: str | Path | None = None) -> Path:
     return path
 
 
-def essay_text(text_dir: str | Path | None = None) -> str:
-    """All essays concatenated without separator, in sorted file-name order (the NIAH convention)."""
+def essay_text(text_dir: str | Path | None = None, separator: str = "") -> str:
+    """All essays in sorted file-name order, joined with ``separator``: none for the NIAH haystacks
+    (the NIAH convention), ``"\n\n"`` for the fidelity windows (the PEERS.md protocol)."""
     files = sorted(essays_dir(text_dir).glob("*.txt"), key=lambda p: p.name)
-    return "".join(p.read_text(encoding="utf-8") for p in files)
+    return separator.join(p.read_text(encoding="utf-8") for p in files)
 
 
 def split_sentences(text: str) -> list[str]:
