@@ -103,8 +103,9 @@ def test_dynamic_slots_follow_the_query_and_are_fetched_exactly():
     assert held[-1] == 64  # the decoded token is appended after the prompt part
     stats = cache.stats()
     assert stats["retrieval_refreshes"] == 1 and stats["retrieval_tokens"] >= 4
-    assert stats["host_bytes"] == 2 * 64 * 8 * 4  # the head's full prompt K/V in the host tier
-    assert stats["summary_bytes"] == 16 * 8 * 4 and stats["device_bytes"] >= stats["summary_bytes"]
+    # the host tier holds the head's 56 selectable prompt tokens (64 - 8 static) as 14 pages of 4
+    assert stats["host_bytes"] == 2 * 56 * 8 * 4
+    assert stats["summary_bytes"] == 14 * 8 * 4 and stats["device_bytes"] >= stats["summary_bytes"]
     _step(cache, module, new_k, new_v, u)  # back to region A: swapped again
     _, _, positions, lengths = cache.layers[0].padded()
     assert set(range(10, 14)) <= set(positions[0, 0, : lengths[0, 0]].tolist())
@@ -156,9 +157,9 @@ def test_full_rank_sketch_selects_the_exact_top_tokens():
     sketch, basis = key_sketch(keys, torch.ones(n, length, dtype=torch.bool), d)  # rank = D: exact
     slots = LayerSlots(seq=[0, 1],
                        resident=torch.zeros(n, length, dtype=torch.bool), counts=torch.full((n,), width), width=width,
-                       summaries=sketch.transpose(1, 2).contiguous(), has_page=selectable, basis=basis, scaling=0.3,
-                       base=selection_base(selectable))
-    chosen = choose(slots, queries, 16, 0.0)
+                       summaries=sketch.transpose(1, 2).contiguous(), basis=basis * 0.3, scaling=0.3,
+                       base=selection_base(selectable), length=length)
+    chosen = choose(slots, queries, 0.0)
     logits = (queries @ keys.transpose(1, 2)) * 0.3  # (n, 3, T)
     logits = logits - logits.masked_fill(~selectable[:, None], float("-inf")).amax(-1, keepdim=True)
     want = logits.amax(1).masked_fill(~selectable, float("-inf")).topk(width, dim=-1).indices
@@ -177,3 +178,32 @@ def test_sketch_index_is_paid_from_the_budget():
     assert kept == total_budget(0.5, 200, 2, 4) - math.ceil(sketch_tokens(200, 4, 16, 2, 4) * 8)
     stats = cache.stats()
     assert stats["summary_bytes"] == 8 * (200 * 4 * 2 + 16 * 4 * 4) and stats["retrieval_refreshes"] == 2 * 2
+
+
+@pytest.mark.parametrize("index", ["pages", "sketch"])
+def test_block_swap_matches_the_token_swap(index):
+    """The fast path (block layout: whole units replaced in unit slots) and the reference (token by
+    token into the slots freed) attend over the same tokens, fetched from the tier."""
+    model = tiny_model("llama", layers=2, heads=4, kv_heads=2)
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(3))
+    logits = {}
+    for blocks in (True, False):
+        cache = hc.make_cache(model, "heterocache", 0.25, index=index, rank=2, window=8, sinks=2)
+        rows = []
+        with torch.no_grad():
+            out = model(ids, **cache_kwargs(cache, model))
+            runtime = cache.method.runtime
+            runtime.allow_blocks = blocks
+            for _ in range(6):
+                token = out.logits[:, -1:].argmax(-1)
+                out = model(token, **cache_kwargs(cache, model))
+                rows.append(out.logits[:, -1])
+        # equal heads within a layer (the last one may carry the remainder: it swaps)
+        assert [slots.blocks for slots in runtime.layers.values()] == [blocks and slots.uniform
+                                                                       for slots in runtime.layers.values()]
+        assert runtime.layers[0].uniform
+        held = [set(layer.padded()[2][0, h, : layer.padded()[3][0, h]].tolist()) for layer in cache.layers
+                for h in range(2)]
+        logits[blocks] = (torch.cat(rows), held)
+    torch.testing.assert_close(logits[True][0], logits[False][0], rtol=1e-5, atol=1e-5)
+    assert logits[True][1] == logits[False][1]  # the same positions held by every head

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from heterocache.methods.heterocache.tiers import Tier, make_tier
+from heterocache.methods.scoring import topk_mask
 
 
 @dataclass(frozen=True)
@@ -56,21 +57,47 @@ class DynamicCounters:
 
 @dataclass
 class LayerSlots:
-    """Dynamic-slot state of one layer: ``n`` sequences (batch row x compressed KV head)."""
+    """Dynamic-slot state of one layer: ``n`` sequences (batch row x compressed KV head).
+
+    Selection works on *units*: single prompt tokens (``index="sketch"``) or pages of ``unit`` prompt
+    tokens (``index="pages"``: the selectable tokens of a sequence, in position order, cut into pages;
+    the full copy in the tier is kept in that page layout, so a page is fetched as one block).
+    """
 
     seq: list[int]  # cache sequence ids b * Hkv + h
-    resident: torch.Tensor  # (n, T) bool: prompt slots now in the dynamic slots
-    counts: torch.Tensor  # (n,) dynamic slots per sequence
+    resident: torch.Tensor  # (n, U) bool: the units now in the dynamic slots
+    counts: torch.Tensor  # (n,) units held per sequence
     width: int  # max(counts)
     summaries: torch.Tensor  # pages: (n, D, P) mean keys; sketch: (n, r, T) projected keys (summary dtype)
-    has_page: torch.Tensor  # pages: (n, P) bool, the page holds a selectable token; sketch: unused
-    basis: torch.Tensor | None  # sketch: (n, D, r) fp32 top right singular vectors of the keys
+    basis: torch.Tensor | None  # sketch: (n, D, r) fp32 top right singular vectors of the keys x scaling
     scaling: float
-    base: torch.Tensor  # (n, T) fp32: -inf where not selectable (static, padding), else a recency tie-break
-    slots: torch.Tensor | None = None  # (n, width) storage slot of each dynamic slot
-    current: torch.Tensor | None = None  # (n, width) prompt position each dynamic slot holds
+    base: torch.Tensor  # (n, U) fp32 added to the scores: -inf where not selectable (static, padding);
+    # sketch: plus a recency tie-break
+    length: int  # prompt length T
+    unit: int = 1  # prompt tokens per unit
+    page_positions: torch.Tensor | None = None  # pages: (n, P, unit) prompt position of every page token
+    slot_of: torch.Tensor | None = None  # (n, T) storage slot holding each resident prompt position
     seq_ids: torch.Tensor | None = None  # ``seq`` as a tensor
-    version: int = -1  # the layer storage version ``slots`` was computed for
+    version: int = -1  # the layer storage version ``slot_of`` was computed for
+    every_row: bool = False  # ``seq`` is every sequence of the layer in order (no query gather)
+    uniform: bool = True  # every sequence has ``width`` units
+    blocks: bool = False  # unit slot k of a sequence = storage slots [k * unit, (k + 1) * unit) (``_layout``)
+    row_offset: torch.Tensor | None = None  # blocks: (n, 1) first flat unit of each row in the tier
+    current: torch.Tensor | None = None  # blocks: (n, width) the unit in each unit slot
+
+    def __post_init__(self) -> None:
+        self.uniform = bool((self.counts == self.width).all())
+
+    def held_tokens(self) -> torch.Tensor:
+        """``(n, T)`` bool: the prompt tokens in the dynamic slots."""
+        if self.page_positions is None:
+            return self.resident
+        n = self.resident.shape[0]
+        held = torch.zeros(n, self.length, dtype=torch.bool, device=self.resident.device)
+        pages = self.resident[:, :, None].expand(-1, -1, self.unit)
+        rows = torch.arange(n, device=held.device)[:, None, None].expand_as(pages)
+        held[rows[pages], self.page_positions[pages]] = True
+        return held
 
 
 def page_means(keys: torch.Tensor, selectable: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,30 +138,58 @@ def selection_base(selectable: torch.Tensor) -> torch.Tensor:
     return recency.expand_as(selectable).masked_fill(~selectable, float("-inf")).contiguous()
 
 
-def choose(slots: LayerSlots, queries: torch.Tensor, page: int, stick: float) -> torch.Tensor:
-    """Prompt positions ``(n, width)`` for the dynamic slots from ``queries (n, R, D)`` (R = group x q)."""
-    length = slots.base.shape[-1]
+def unit_scores(slots: LayerSlots, queries: torch.Tensor, stick: float) -> torch.Tensor:
+    """``(n, U)`` selection scores of the units for ``queries (n, R, D)`` (R = group x q): the index's
+    estimate of ``scaling * q . k`` (per token, or against the page's mean key) shifted per query row
+    by its maximum, max over the rows, plus the selection base and ``stick`` for resident units."""
     if slots.basis is not None:  # per-token sketch
         # fp32 compute: a bf16 bmm on CPU costs more than widening the stored index each step
-        projected = torch.bmm(queries.float(), slots.basis)  # (n, R, r)
-        bound = torch.bmm(projected, slots.summaries.float()) * slots.scaling  # (n, R, T)
-        bound = bound + slots.base[:, None]
-        bound = bound - bound.amax(-1, keepdim=True).clamp(min=-1e30)
-        token = bound.amax(1)
+        projected = torch.bmm(queries.float(), slots.basis)  # (n, R, r); the basis carries ``scaling``
+        bound = torch.baddbmm(slots.base[:, None], projected, slots.summaries.float())  # (n, R, T)
     else:
-        bound = torch.bmm(queries.float(), slots.summaries.float()) * slots.scaling  # (n, R, P)
-        bound = bound.masked_fill_(~slots.has_page[:, None], float("-inf"))
-        bound = bound - bound.amax(-1, keepdim=True).clamp(min=-1e30)
-        page_score = bound.amax(1)  # (n, P)
-        token = page_score.repeat_interleave(page, dim=-1)[:, :length] + slots.base
+        bound = torch.baddbmm(slots.base[:, None], queries.float(), slots.summaries.float(),
+                              alpha=slots.scaling)  # (n, R, P)
+    bound = bound - bound.amax(-1, keepdim=True).clamp(min=-1e30)
+    score = bound.amax(1)
     if stick:
-        token = token + stick * slots.resident
-    chosen = token.topk(slots.width, dim=-1).indices
-    if bool((slots.counts < slots.width).any()):  # shorter rows repeat their last real choice
-        arange = torch.arange(slots.width, device=chosen.device)[None, :]
-        last = chosen.gather(1, (slots.counts - 1).clamp(min=0)[:, None])
-        chosen = torch.where(arange < slots.counts[:, None], chosen, last)
-    return chosen
+        score = score + stick * slots.resident
+    return score
+
+
+def choose(slots: LayerSlots, queries: torch.Tensor, stick: float) -> torch.Tensor:
+    """Units ``(n, width)`` for the dynamic slots from ``queries (n, R, D)`` (R = group x q), in no
+    particular order; a row with fewer than ``width`` units repeats one of its choices."""
+    score = unit_scores(slots, queries, stick)
+    if slots.uniform:
+        return score.topk(slots.width, dim=-1, sorted=False).indices
+    chosen = score.topk(slots.width, dim=-1).indices
+    arange = torch.arange(slots.width, device=chosen.device)[None, :]
+    last = chosen.gather(1, (slots.counts - 1).clamp(min=0)[:, None])
+    return torch.where(arange < slots.counts[:, None], chosen, last)
+
+
+def page_layout(selectable: torch.Tensor, scores: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut each row's selectable positions (``(n, T)`` bool) into pages of ``page`` consecutive ones.
+
+    When a row's count is not a multiple of ``page`` its lowest-``scores`` selectable tokens are left
+    out (never retrievable; fewer than ``page``). Returns ``positions (n, P, page)`` long (0 on padding
+    pages) and ``real (n, P)`` bool.
+    """
+    rows = []
+    for i in range(selectable.shape[0]):
+        positions = torch.nonzero(selectable[i]).flatten()
+        extra = positions.numel() % page
+        if extra:
+            keep = scores[i, positions].topk(positions.numel() - extra).indices.sort().values
+            positions = positions[keep]
+        rows.append(positions.view(-1, page))
+    pages = max(1, max(r.shape[0] for r in rows))
+    out = torch.zeros(len(rows), pages, page, dtype=torch.long, device=selectable.device)
+    real = torch.zeros(len(rows), pages, dtype=torch.bool, device=selectable.device)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+        real[i, : r.shape[0]] = True
+    return out, real
 
 
 class DynamicRetrieval:
@@ -144,70 +199,128 @@ class DynamicRetrieval:
         self.tier: Tier | None = None
         self.counters = DynamicCounters()
         self.summary_bytes = 0
+        self.allow_blocks = True  # False: always the token-by-token swap (tests compare the two)
 
     # --- prefill -------------------------------------------------------------------------------
-    def watch(self, ctx, heads: list[int], static: torch.Tensor, dynamic: torch.Tensor) -> None:
-        """Copy the full prompt K/V of ``heads`` (every batch row) to the tier and summarise them.
+    def watch(self, ctx, heads: list[int], static: torch.Tensor, counts: torch.Tensor,
+              scores: torch.Tensor) -> torch.Tensor:
+        """Keep the full prompt K/V of ``heads`` (every batch row) in the tier, build their index, and
+        return the first dynamic set ``(B, len(heads), T)`` bool (the best prefill ``scores`` outside
+        ``static``; replaced at the first decode step).
 
-        ``static``/``dynamic (B, len(heads), T)``: the prefill's static part and initial dynamic set.
+        ``static (B, len(heads), T)``: the prefill's static part; ``counts (B, len(heads))``: dynamic
+        tokens per sequence (page multiples for ``index="pages"``); ``scores (B, len(heads), T)``.
         """
         b, _, length, d = ctx.keys.shape
         if self.tier is None:
             self.tier = make_tier(self.settings.offload, ctx.keys.device, self.settings.offload_dir)
         keys = ctx.keys[:, heads].reshape(-1, length, d)
-        self.tier.put(ctx.layer_idx, keys, ctx.values[:, heads].reshape(-1, length, d))
-        static = static.reshape(-1, length)
-        selectable = ctx.valid[:, None, :].expand(-1, len(heads), -1).reshape(-1, length) & ~static
-        basis = None
+        values = ctx.values[:, heads].reshape(-1, length, d)
+        valid = ctx.valid[:, None, :].expand(-1, len(heads), -1).reshape(-1, length)
+        selectable = valid & ~static.reshape(-1, length)
+        flat_scores = scores.reshape(-1, length).float()
+        n_kv = ctx.n_kv_heads
+        seq = [row * n_kv + h for row in range(b) for h in heads]
+        common = {"seq": seq, "scaling": ctx.scaling, "length": length, "every_row": seq == list(range(b * n_kv))}
         if self.settings.index == "sketch":
-            valid = ctx.valid[:, None, :].expand(-1, len(heads), -1).reshape(-1, length)
+            self.tier.put(ctx.layer_idx, keys, values)
             sketch, basis = key_sketch(keys, valid, self.settings.rank)
             summaries = sketch.to(self.settings.summary_dtype).transpose(1, 2).contiguous()
-            has = selectable
-            self.summary_bytes += basis.numel() * basis.element_size()
+            self.summary_bytes += basis.numel() * basis.element_size() + summaries.numel() * summaries.element_size()
+            dynamic = topk_mask(flat_scores[None], counts.reshape(1, -1), selectable[None])[0]
+            held = dynamic.sum(-1)  # fewer than asked where a row has fewer selectable tokens
+            slots = LayerSlots(resident=dynamic.clone(), counts=held, width=int(held.max()),
+                               summaries=summaries, basis=basis * ctx.scaling,  # one multiply less per step
+                               base=selection_base(selectable), **common)
         else:
-            means, has = page_means(keys, selectable, self.settings.page)
+            page = self.settings.page
+            positions, real = page_layout(selectable, flat_scores, page)
+            n, pages = real.shape
+            flat = positions.view(n, pages * page)
+            paged_keys = keys.gather(1, flat[..., None].expand(-1, -1, d))
+            self.tier.put(ctx.layer_idx, paged_keys, values.gather(1, flat[..., None].expand(-1, -1, d)))
+            means, _ = page_means(paged_keys, real.repeat_interleave(page, dim=1), page)
             summaries = means.to(self.settings.summary_dtype).transpose(1, 2).contiguous()
-        self.summary_bytes += summaries.numel() * summaries.element_size()
-        counts = dynamic.reshape(-1, length).sum(-1)
-        n_kv = ctx.n_kv_heads
-        self.layers[ctx.layer_idx] = LayerSlots(
-            seq=[row * n_kv + h for row in range(b) for h in heads], resident=dynamic.reshape(-1, length).clone(), counts=counts, width=int(counts.max()),
-            summaries=summaries, has_page=has, basis=basis, scaling=ctx.scaling, base=selection_base(selectable),
-        )
+            self.summary_bytes += summaries.numel() * summaries.element_size()
+            page_score = flat_scores.gather(1, flat).view(n, pages, page).sum(-1)
+            units = counts.reshape(-1) // page
+            resident = topk_mask(page_score[None], units[None], real[None])[0]
+            units = resident.sum(-1)
+            base = torch.zeros(n, pages, device=real.device).masked_fill(~real, float("-inf"))
+            slots = LayerSlots(resident=resident, counts=units, width=int(units.max()), summaries=summaries,
+                               basis=None, base=base, unit=page, page_positions=positions, **common)
+            dynamic = slots.held_tokens()
+        self.layers[ctx.layer_idx] = slots
+        return dynamic.view(b, len(heads), length)
 
     # --- decode --------------------------------------------------------------------------------
     def _map_slots(self, layer, slots: LayerSlots) -> None:
-        """Storage slot of every dynamic slot, found by position (after each ``store`` of the layer)."""
-        found = torch.zeros(len(slots.seq), slots.width, dtype=torch.long, device=layer.device)
-        current = torch.zeros_like(found)
+        """Storage slot of every held prompt position, found by position (after each ``store``); then
+        the block layout when it applies (``_layout``)."""
+        held = slots.held_tokens()
+        length = slots.length
+        slot_of = torch.zeros(len(slots.seq), length, dtype=torch.long, device=layer.device)
+        found = []
         for i, seq in enumerate(slots.seq):
             bucket_index, row = layer.locate[seq]
             bucket = layer.buckets[bucket_index]
             bucket.sync_positions()
             n = int(bucket.lengths[row])
             positions = bucket.positions[row, :n].long()
-            inside = (positions >= 0) & (positions < slots.resident.shape[-1])
-            mine = torch.nonzero(inside & slots.resident[i, positions.clamp(min=0, max=slots.resident.shape[-1] - 1)])
-            mine = mine.flatten()
-            count = int(slots.counts[i])
+            inside = (positions >= 0) & (positions < length)
+            mine = torch.nonzero(inside & held[i, positions.clamp(min=0, max=length - 1)]).flatten()
+            count = int(slots.counts[i]) * slots.unit
             if len(mine) != count:
                 raise RuntimeError(f"layer {layer.layer_idx}: sequence {seq} holds {len(mine)} dynamic tokens, "
                                    f"expected {count} (its storage was changed outside the method)")
-            if count:
-                found[i, :count] = mine
-                found[i, count:] = mine[-1]
-                current[i] = positions[found[i]]
-        slots.slots, slots.current = found, current
+            slot_of[i, positions[mine]] = mine
+            found.append(mine)
+        slots.slot_of = slot_of
         slots.seq_ids = torch.tensor(slots.seq, device=layer.device)
         slots.version = layer.version
+        slots.blocks = self.allow_blocks and self._layout(layer, slots, found)
+
+    def _layout(self, layer, slots: LayerSlots, found: list[torch.Tensor]) -> bool:
+        """Block layout, when the layer is one plain bucket of every sequence with ``width`` units each:
+        each sequence's dynamic tokens move to slots ``[0, width * unit)``, unit by unit (the other
+        entries keep their relative order after them), so a step replaces whole units with one
+        indexed copy per tensor (``_swap_blocks``) instead of token-by-token writes (``_swap``)."""
+        if not (slots.every_row and slots.uniform and len(layer.buckets) == 1):
+            return False
+        bucket = layer.buckets[0]
+        if bucket.window is not None or not bucket.is_identity or len(found) != bucket.keys.shape[0]:
+            return False
+        n, capacity, d = bucket.keys.shape
+        if any(t.stride()[1:] != (d, 1) for t in (bucket.keys, bucket.values)) or bucket.positions.stride(1) != 1:
+            return False  # the unit-slot views need rows of contiguous slots
+        unit_of = torch.full((n, capacity), -1, dtype=torch.long, device=layer.device)
+        held = slots.resident.nonzero()  # (n * width, 2) row-major: each row's units in order
+        units = held[:, 1].view(n, slots.width)
+        if slots.page_positions is None:
+            unit_positions = units[..., None]
+        else:
+            unit_positions = slots.page_positions.gather(1, units[..., None].expand(-1, -1, slots.unit))
+        rows = torch.arange(n, device=layer.device)
+        block = slots.width * slots.unit
+        # storage slot of every unit token, in unit order
+        first = slots.slot_of[rows[:, None, None], unit_positions].view(n, block)
+        unit_of.scatter_(1, first, 0)
+        rest = torch.nonzero(unit_of < 0)[:, 1].view(n, -1)
+        order = torch.cat([first, rest], dim=1)
+        for name in ("keys", "values"):
+            tensor = getattr(bucket, name)
+            tensor.copy_(tensor.gather(1, order[..., None].expand(-1, -1, d)))
+        bucket.positions.copy_(bucket.positions.gather(1, order))
+        slots.slot_of[rows[:, None], bucket.positions[:, :block].long()] = torch.arange(block, device=layer.device)
+        slots.current = units.contiguous()
+        slots.row_offset = (rows * slots.resident.shape[-1])[:, None]
+        layer.version += 1  # the slots moved; nothing else addresses them (a later store bumps it again)
+        slots.version = layer.version
+        return True
 
     def before_attention(self, layer, queries: torch.Tensor) -> None:
-        """Refill ``layer``'s dynamic slots for this step's ``queries (B, Hq, q, D)``.
-
-        Only the chosen tokens that are not resident are fetched, each into a slot whose token was not
-        chosen again; every other slot keeps its token untouched.
-        """
+        """Refill ``layer``'s dynamic slots for this step's ``queries (B, Hq, q, D)``: unit by unit in
+        the block layout (``_swap_blocks``), else token by token (``_swap``)."""
         slots = self.layers.get(layer.layer_idx)
         if slots is None or not slots.width:
             return
@@ -216,30 +329,81 @@ class DynamicRetrieval:
             self._map_slots(layer, slots)
         b, hq, q, d = queries.shape
         n_kv = layer.n_kv_heads
-        grouped = queries.reshape(b * n_kv, (hq // n_kv) * q, d)[slots.seq]
-        chosen = choose(slots, grouped, self.settings.page, self.settings.stick)
-        real = torch.arange(slots.width, device=chosen.device)[None, :] < slots.counts[:, None]
-        wanted = torch.zeros_like(slots.resident).scatter_(1, chosen, True)
-        incoming = ~slots.resident.gather(1, chosen) & real  # chosen, not resident yet
-        free = ~wanted.gather(1, slots.current) & real  # slot whose token was not chosen again
-        moved = incoming.sum(-1)  # == free.sum(-1) per row
-        width = int(moved.max())
-        if width:
-            take = torch.sort((~incoming).to(torch.int8), dim=-1, stable=True).indices[:, :width]
-            into = torch.sort((~free).to(torch.int8), dim=-1, stable=True).indices[:, :width]
-            pair = torch.arange(width, device=chosen.device)[None, :] < moved[:, None]
-            seq = torch.arange(len(slots.seq), device=chosen.device)[:, None].expand(-1, width)[pair]  # (m,)
-            positions = chosen.gather(1, take)[pair]
-            into = into[pair]
-            keys, values = self.tier.gather(layer.layer_idx, seq, positions[:, None])  # (m, 1, D)
-            keys, values = keys[:, 0].to(layer.device, non_blocking=True), values[:, 0].to(layer.device, non_blocking=True)
-            layer.write_slots(slots.seq_ids[seq], slots.slots[seq, into], keys, values, positions)
-            slots.current[seq, into] = positions
-            self.counters.bytes += 2 * positions.numel() * keys.shape[-1] * keys.element_size()
-            self.counters.tokens += positions.numel()
-        slots.resident = wanted
+        grouped = queries.reshape(b * n_kv, (hq // n_kv) * q, d)
+        if not slots.every_row:
+            grouped = grouped[slots.seq_ids]
+        chosen = choose(slots, grouped, self.settings.stick)
+        if slots.blocks:
+            self._swap_blocks(layer, slots, chosen)
+        else:
+            self._swap(layer, slots, chosen)
         self.counters.refreshes += 1
         self.counters.select_s += time.perf_counter() - start
+
+    def _fetch(self, layer, slots: LayerSlots, rows: torch.Tensor, units: torch.Tensor):
+        """Keys, values ``(m, unit * D)`` on the cache's device of units ``units`` of rows ``rows (m,)``."""
+        unit, d = slots.unit, layer.head_dim
+        if self.tier.shares_memory_with(layer.device):  # one indexed copy per tensor, no transfer
+            keys = torch.empty((rows.numel(), unit * d), dtype=layer.dtype, device=layer.device)
+            values = torch.empty_like(keys)
+            self.tier.take(layer.layer_idx, rows * slots.resident.shape[-1] + units, keys, values, unit)
+            return keys, values
+        in_tier = units[:, None] * unit + torch.arange(unit, device=units.device)
+        keys, values = self.tier.gather(layer.layer_idx, rows, in_tier)  # (m, unit, D) on the tier
+        return (keys.reshape(-1, unit * d).to(layer.device, non_blocking=True),
+                values.reshape(-1, unit * d).to(layer.device, non_blocking=True))
+
+    def _swap_blocks(self, layer, slots: LayerSlots, chosen: torch.Tensor) -> None:
+        """Block layout: each chosen unit that is not resident replaces, as one block, a resident unit
+        that was not chosen again (per sequence both sets have the same size)."""
+        wanted = torch.zeros_like(slots.resident).scatter_(1, chosen, True)
+        # row-major order pairs the k-th incoming unit of a sequence with its k-th freed unit slot
+        incoming = torch.nonzero(wanted > slots.resident)  # (m, 2): (row, unit)
+        if incoming.shape[0]:
+            free = torch.nonzero(~wanted.gather(1, slots.current))  # (m, 2): (row, unit slot)
+            rows, units, into = incoming[:, 0], incoming[:, 1], free[:, 1]
+            keys, values = self._fetch(layer, slots, rows, units)
+            bucket = layer.buckets[0]
+            n, unit, d = bucket.keys.shape[0], slots.unit, bucket.keys.shape[-1]
+            for storage, new in ((bucket.keys, keys), (bucket.values, values)):
+                view = storage.as_strided((n, slots.width, unit * d), (storage.stride(0), unit * d, 1))
+                view[rows, into] = new.to(storage.dtype)
+            positions = units[:, None] if slots.page_positions is None else slots.page_positions[rows, units]
+            stored = bucket.positions
+            stored.as_strided((n, slots.width, unit), (stored.stride(0), unit, 1))[rows, into] = positions.to(stored.dtype)
+            slots.current[rows, into] = units
+            self.counters.bytes += 2 * keys.numel() * keys.element_size()
+            self.counters.tokens += positions.numel()
+        slots.resident = wanted
+
+    def _swap(self, layer, slots: LayerSlots, chosen: torch.Tensor) -> None:
+        """Incremental refill: fetch only the chosen units that are not resident, each into the slots of
+        a resident unit that was not chosen again (per sequence both sets have the same size)."""
+        wanted = torch.zeros_like(slots.resident).scatter_(1, chosen, True)
+        if not slots.uniform:  # a sequence without dynamic slots chose nothing
+            wanted &= slots.counts[:, None] > 0
+        # row-major order pairs the k-th incoming unit of a sequence with its k-th leaving one
+        incoming = torch.nonzero(wanted > slots.resident)  # (m, 2): chosen, not resident yet
+        if incoming.shape[0]:
+            leaving = torch.nonzero(slots.resident > wanted)  # (m, 2): resident, not chosen again
+            rows, units = incoming[:, 0], incoming[:, 1]
+            if slots.page_positions is None:
+                positions, out_positions, in_tier = units[:, None], leaving[:, 1:], units[:, None]
+            else:
+                positions = slots.page_positions[rows, units]  # (m, unit)
+                out_positions = slots.page_positions[leaving[:, 0], leaving[:, 1]]
+                in_tier = units[:, None] * slots.unit + torch.arange(slots.unit, device=units.device)
+            into = slots.slot_of[leaving[:, :1], out_positions]  # (m, unit)
+            keys, values = self.tier.gather(layer.layer_idx, rows, in_tier)  # (m, unit, D)
+            d = keys.shape[-1]
+            keys = keys.reshape(-1, d).to(layer.device, non_blocking=True)
+            values = values.reshape(-1, d).to(layer.device, non_blocking=True)
+            seq = slots.seq_ids[rows][:, None].expand_as(positions)
+            layer.write_slots(seq.reshape(-1), into.reshape(-1), keys, values, positions.reshape(-1))
+            slots.slot_of[rows[:, None], positions] = into
+            self.counters.bytes += 2 * keys.numel() * keys.element_size()
+            self.counters.tokens += positions.numel()
+        slots.resident = wanted
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = self.counters.as_stats()

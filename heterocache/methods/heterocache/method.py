@@ -41,11 +41,27 @@ from heterocache.methods.heterocache.dynamic import (
 )
 from heterocache.methods.heterocache.expected import expected_attention, rope_inv_freq
 from heterocache.methods.heterocache.tiers import TIERS, check_directory
-from heterocache.methods.scoring import select_with_forced, topk_mask
+from heterocache.methods.scoring import select_with_forced
 from heterocache.methods.snapkv import check_window_options, window_votes
 
 DRIFT_MODES = ("async", "sync", "off")
 SUMMARY_DTYPES = ("bfloat16", "float16", "float32")
+
+
+
+def layer_uniform(total: int, n_layers: int, n_heads: int) -> list[list[int]]:
+    """``total`` tokens as equal as possible with every head of a layer equal, except the last layer's
+    first ``total % n_heads`` heads (one token more): the dynamic runtime's fast block refill needs
+    equal heads within a layer (dynamic.py ``_layout``).
+
+    >>> layer_uniform(20, 3, 3)
+    [[2, 2, 2], [2, 2, 2], [3, 3, 2]]
+    """
+    per_head, left = divmod(total, n_layers * n_heads)
+    budgets = [[per_head + (layer < left // n_heads)] * n_heads for layer in range(n_layers)]
+    for head in range(left % n_heads):
+        budgets[-1][head] += 1
+    return budgets
 
 
 @dataclass
@@ -277,10 +293,10 @@ class HeteroCache(Method):
         if self.split == "profile":
             records = {(h.layer, h.head): h for row in self.profile.heads for h in row}
             weights = [records[key].weight or 1.0 for key in heads]
+            shares = weighted_budgets(total, weights, [prompt_len] * len(heads), floor)
+            budgets = [shares[layer * n_heads:(layer + 1) * n_heads] for layer in range(n_layers)]
         else:
-            weights = [1.0] * len(heads)
-        shares = weighted_budgets(total, weights, [prompt_len] * len(heads), floor)
-        budgets = [shares[layer * n_heads:(layer + 1) * n_heads] for layer in range(n_layers)]
+            budgets = layer_uniform(min(total, len(heads) * prompt_len), n_layers, n_heads)
         return budgets, [[False] * n_heads for _ in range(n_layers)]
 
     @property
@@ -317,10 +333,11 @@ class HeteroCache(Method):
         sinks = 0 if ctx.window is not None else self.sinks  # the model's first tokens are out of reach
         if isinstance(self.runtime, DynamicRetrieval) and ctx.window is None:
             dynamic_count = (ctx.budget.float() * self.dynamic_share).long()
+            if self.runtime.settings.index == "pages":  # whole pages are fetched
+                dynamic_count = dynamic_count // self.page * self.page
             static = select_with_forced(scores, ctx.valid, ctx.budget - dynamic_count, sinks, recent)
             # the first dynamic set: the next best prefill scores (replaced at the first decode step)
-            dynamic = topk_mask(scores, dynamic_count, ctx.valid[:, None, :] & ~static)
-            self.runtime.watch(ctx, list(range(ctx.n_kv_heads)), static, dynamic)
+            dynamic = self.runtime.watch(ctx, list(range(ctx.n_kv_heads)), static, dynamic_count, scores)
             return static | dynamic
         chosen = select_with_forced(scores, ctx.valid, ctx.budget, sinks, recent)
         keep = torch.where(full[..., None], keep, chosen)

@@ -51,6 +51,9 @@ class Tier:
     def nbytes(self) -> int:
         return sum(self._layer_bytes(v) for v in self.layers.values())
 
+    def shares_memory_with(self, device: torch.device) -> bool:  # noqa: ARG002 - overridden by MemoryTier
+        return False
+
     def _layer_bytes(self, entry) -> int:
         keys, values = entry[:2]
         return keys.nbytes + values.nbytes
@@ -69,6 +72,22 @@ class MemoryTier(Tier):
     def put(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """``keys/values (n, T, D)``; copied (the caller's tensors are freed after prefill)."""
         self.layers[layer] = (keys.detach().to(self.device, copy=True), values.detach().to(self.device, copy=True))
+
+    def shares_memory_with(self, device: torch.device) -> bool:
+        """The stored copies live where the cache does (host tier of a CPU model, ``offload="none"``):
+        reading them costs a local copy, no transfer."""
+        return self.device == torch.device(device) and not self.pin
+
+    def take(self, layer: int, flat: torch.Tensor, keys_out: torch.Tensor, values_out: torch.Tensor,
+             group: int = 1) -> None:
+        """Copy blocks of ``group`` consecutive entries of ``layer``, numbered ``row * T / group + block``
+        by ``flat (m,)``, into ``keys_out/values_out (m, group * D)`` (contiguous, same device and
+        dtype as the tier; ``T`` a multiple of ``group``)."""
+        keys, values = self.layers[layer]
+        n, length, dim = keys.shape
+        blocks = n * length // group
+        torch.index_select(keys.view(blocks, group * dim), 0, flat, out=keys_out)
+        torch.index_select(values.view(blocks, group * dim), 0, flat, out=values_out)
 
     def gather(self, layer: int, rows: torch.Tensor, positions: torch.Tensor):
         """``rows (m,)`` into the stored ``n``, ``positions (m, k)`` -> keys, values ``(m, k, D)`` on this
