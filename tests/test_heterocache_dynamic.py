@@ -63,6 +63,26 @@ def test_page_means_and_summary_cost():
     assert summary_tokens(3000, 16, 2, 4) == 188 * 2 / 8  # 188 pages, bf16 mean key vs fp32 key + value
 
 
+def test_auto_page_size_follows_keep():
+    method = HeteroCache()
+    assert [method.resolved_page(k) for k in (0.5, 0.25, 0.1, 0.05, 0.01)] == [8, 8, 16, 32, 64]
+    assert HeteroCache(page=4).resolved_page(0.1) == 4 and method.resolved_index(0.25) == "pages"
+    with pytest.raises(ValueError, match="page='big' must be 'auto' or an integer"):
+        hc.make_cache(tiny_model(), "heterocache", 0.5, page="big")
+
+
+def test_page_layout_cuts_selectable_tokens_into_pages():
+    from heterocache.methods.heterocache.dynamic import page_layout
+
+    selectable = torch.tensor([[True, True, False, True, True, True, True, False, True],
+                               [True, True, True, False, False, False, False, False, False]])
+    scores = torch.arange(9, dtype=torch.float32).repeat(2, 1)
+    scores[0, 4] = -5.0  # the lowest selectable score of row 0: left out (7 tokens, pages of 3)
+    positions, real = page_layout(selectable, scores, 3)
+    assert positions[0].tolist() == [[0, 1, 3], [5, 6, 8]]
+    assert positions[1, 0].tolist() == [0, 1, 2] and real.tolist() == [[True, True], [True, False]]
+
+
 def _dynamic_setup(**options):
     """One layer, 1 KV head; keys with hot regions A (10..13) and B (40..43)."""
     d, length = 8, 64
@@ -114,7 +134,7 @@ def test_dynamic_slots_follow_the_query_and_are_fetched_exactly():
 def test_dynamic_budget_pays_for_the_summaries_and_keep_one_is_exact():
     model = tiny_model("llama", layers=2, heads=8, kv_heads=4)
     ids, mask = left_padded_batch([200, 150], seed=4)
-    cache = hc.make_cache(model, "heterocache", 0.5, window=8, sinks=2)
+    cache = hc.make_cache(model, "heterocache", 0.5, window=8, sinks=2, page=16)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, **cache_kwargs(cache, model), max_new_tokens=6,
                              min_new_tokens=6, do_sample=False)
@@ -202,6 +222,8 @@ def test_block_swap_matches_the_token_swap(index):
         assert [slots.blocks for slots in runtime.layers.values()] == [blocks and slots.uniform
                                                                        for slots in runtime.layers.values()]
         assert runtime.layers[0].uniform
+        if blocks:  # unit slots are whole rows of a (n * capacity / unit, unit * D) view
+            assert cache.layers[0].buckets[0].capacity % runtime.layers[0].unit == 0
         held = [set(layer.padded()[2][0, h, : layer.padded()[3][0, h]].tolist()) for layer in cache.layers
                 for h in range(2)]
         logits[blocks] = (torch.cat(rows), held)

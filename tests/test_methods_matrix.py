@@ -18,6 +18,7 @@ from transformers import DynamicCache
 import heterocache as hc
 from heterocache.budget import sliding_cap, total_budget
 from heterocache.hf import cache_kwargs
+from heterocache.methods.heterocache import HeteroCache
 from heterocache.methods.heterocache.dynamic import summary_tokens
 from heterocache.models import layer_windows
 
@@ -65,10 +66,12 @@ def _options(method: str, profile) -> tuple[str, dict]:
 
 def _expected(method: str, keep: float, n: int, n_layers: int, n_kv: int, retrieving_layers: int) -> int:
     """Kept prompt entries of one row: the total of DESIGN s.2, minus heterocache's page summaries
-    (paid from the budget by the heads of full-attention layers, 16-token pages, bf16 vs fp32 K/V)."""
+    (paid from the budget by the heads of full-attention layers, pages of the size ``page="auto"``
+    picks for ``keep``, bf16 vs fp32 K/V)."""
     total = total_budget(keep, n, n_layers, n_kv)
     if method == "heterocache" and keep < 1.0:
-        total -= math.ceil(summary_tokens(n, 16, 2, 4) * retrieving_layers * n_kv)
+        page = HeteroCache().resolved_page(keep)
+        total -= math.ceil(summary_tokens(n, page, 2, 4) * retrieving_layers * n_kv)
     return total
 
 

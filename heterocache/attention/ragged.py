@@ -9,6 +9,8 @@ role of the query length, so GQA needs no ``repeat_kv``. Cost scales with the su
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -103,6 +105,13 @@ class Bucket:
             setattr(self, name, new)
         self.page_table = None
         self.visible = None
+
+    def realign(self, align: int) -> None:
+        """From now on keep the capacity a multiple of ``align`` too (growing it now if needed)."""
+        self.align = math.lcm(self.align, align)
+        need = round_up(self.capacity, self.align)
+        if need > self.capacity:
+            self.reserve(need - self.max_len)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, first_position: int) -> None:
         """Write ``q`` new tokens ``keys/values (n, q, D)`` at positions ``first_position + t`` after each

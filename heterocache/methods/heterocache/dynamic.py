@@ -290,9 +290,11 @@ class DynamicRetrieval:
         bucket = layer.buckets[0]
         if bucket.window is not None or not bucket.is_identity or len(found) != bucket.keys.shape[0]:
             return False
+        if bucket.window is None and bucket.capacity % slots.unit:
+            bucket.realign(slots.unit)  # unit slots are then rows of a (n * capacity / unit, unit * D) view
         n, capacity, d = bucket.keys.shape
-        if any(t.stride()[1:] != (d, 1) for t in (bucket.keys, bucket.values)) or bucket.positions.stride(1) != 1:
-            return False  # the unit-slot views need rows of contiguous slots
+        if any(not t.is_contiguous() for t in (bucket.keys, bucket.values, bucket.positions)):
+            return False  # the unit-slot views need contiguous storage
         unit_of = torch.full((n, capacity), -1, dtype=torch.long, device=layer.device)
         held = slots.resident.nonzero()  # (n * width, 2) row-major: each row's units in order
         units = held[:, 1].view(n, slots.width)
@@ -364,13 +366,16 @@ class DynamicRetrieval:
             rows, units, into = incoming[:, 0], incoming[:, 1], free[:, 1]
             keys, values = self._fetch(layer, slots, rows, units)
             bucket = layer.buckets[0]
-            n, unit, d = bucket.keys.shape[0], slots.unit, bucket.keys.shape[-1]
-            for storage, new in ((bucket.keys, keys), (bucket.values, values)):
-                view = storage.as_strided((n, slots.width, unit * d), (storage.stride(0), unit * d, 1))
-                view[rows, into] = new.to(storage.dtype)
-            positions = units[:, None] if slots.page_positions is None else slots.page_positions[rows, units]
-            stored = bucket.positions
-            stored.as_strided((n, slots.width, unit), (stored.stride(0), unit, 1))[rows, into] = positions.to(stored.dtype)
+            n, capacity, d = bucket.keys.shape
+            unit = slots.unit
+            if slots.page_positions is None:
+                positions = units[:, None]
+            else:
+                positions = slots.page_positions.view(-1, unit).index_select(0, rows * slots.resident.shape[-1] + units)
+            flat = rows * (capacity // unit) + into  # unit slots are rows of (n * capacity / unit, unit * D)
+            bucket.keys.view(-1, unit * d).index_copy_(0, flat, keys.to(bucket.keys.dtype))
+            bucket.values.view(-1, unit * d).index_copy_(0, flat, values.to(bucket.values.dtype))
+            bucket.positions.view(-1, unit).index_copy_(0, flat, positions.to(bucket.positions.dtype))
             slots.current[rows, into] = units
             self.counters.bytes += 2 * keys.numel() * keys.element_size()
             self.counters.tokens += positions.numel()

@@ -64,6 +64,9 @@ def layer_uniform(total: int, n_layers: int, n_heads: int) -> list[list[int]]:
     return budgets
 
 
+PAGE_SIZES = (8, 16, 32, 64)  # page="auto" candidates
+
+
 @dataclass
 class HeteroCache(Method):
     """HeteroCache: per-head budgets, each head's own retrieval from the slow tier (see the module).
@@ -78,12 +81,16 @@ class HeteroCache(Method):
         Dynamic mode: share of each compressed head's budget that is refilled every step (0.75).
     index : str
         Dynamic mode: the device-resident index the step's queries are scored against: ``"pages"``
-        (mean key of each ``page`` prompt tokens), ``"sketch"`` (every key on its head's top-``rank``
-        right singular vectors) or ``"auto"`` (default: the sketch when it costs at most a quarter of
-        the budget, e.g. keep >= 0.25 for an fp32 cache with head_dim 64, else pages; measured in
-        docs/research/quality.md). Its bytes are paid from the budget.
-    page, rank : int
-        Dynamic mode: prompt tokens per page (16); sketch rank (16).
+        (mean key of each page of ``page`` selectable prompt tokens; whole pages are fetched) or
+        ``"sketch"`` (every key on its head's top-``rank`` right singular vectors; single tokens are
+        fetched). ``"auto"`` (default) = pages, measured more faithful and faster (README). Its bytes
+        are paid from the budget.
+    page : int | str
+        Dynamic mode: prompt tokens per page. ``"auto"`` (default): the smallest of 8, 16, 32, 64
+        whose page summaries cost at most a sixth of ``keep`` (bf16 means of an fp32 cache: 8 at
+        keep >= 0.19, 16 at keep >= 0.094).
+    rank : int
+        Dynamic mode, ``index="sketch"``: sketch rank (16).
     summary_dtype : str
         Dynamic mode: storage dtype of the page summaries (``"bfloat16"``; their bytes are paid
         out of the budget).
@@ -138,7 +145,7 @@ class HeteroCache(Method):
     retrieval: str = "dynamic"
     dynamic_share: float = 0.75
     index: str = "auto"
-    page: int = 16
+    page: Any = "auto"
     rank: int = 16
     summary_dtype: str = "bfloat16"
     stick: float = 0.0
@@ -175,7 +182,10 @@ class HeteroCache(Method):
             raise ValueError(f"profile must be a HeadProfile or a JSON path, got {type(self.profile).__name__}")
         check_range("dynamic_share", self.dynamic_share, 0, 1)
         check_choice("index", self.index, ("auto", "pages", "sketch"))
-        check_range("page", self.page, 1)
+        if self.page != "auto":
+            if isinstance(self.page, bool) or not isinstance(self.page, int):
+                raise ValueError(f"page={self.page!r} must be 'auto' or an integer >= 1")
+            check_range("page", self.page, 1)
         check_range("rank", self.rank, 1)
         check_choice("summary_dtype", self.summary_dtype, SUMMARY_DTYPES)
         check_range("stick", self.stick, 0)
@@ -249,7 +259,8 @@ class HeteroCache(Method):
         self.plans: dict[tuple[float, int], tuple[list[list[int]], list[list[bool]]]] = {}
         self.runtime: Runtime | DynamicRetrieval | None = None
         if self.dynamic:
-            self.runtime = DynamicRetrieval(DynamicSettings(self.resolved_index(cache.keep), self.page, self.rank,
+            self.runtime = DynamicRetrieval(DynamicSettings(self.resolved_index(cache.keep),
+                                                            self.resolved_page(cache.keep), self.rank,
                                                             self.stick,
                                                             getattr(torch, self.summary_dtype), self.offload,
                                                             self.offload_dir))
@@ -281,7 +292,7 @@ class HeteroCache(Method):
             rank = min(self.rank, self.head_dim, prompt_len)
             per_head = sketch_tokens(prompt_len, rank, self.head_dim, summary_bytes, self.kv_bytes)
         else:
-            per_head = summary_tokens(prompt_len, self.page, summary_bytes, self.kv_bytes)
+            per_head = summary_tokens(prompt_len, self.resolved_page(keep), summary_bytes, self.kv_bytes)
         retrieving = sum(window is None for window in self.layer_windows) * n_heads
         total = total_budget(keep, prompt_len, n_layers, n_heads) - math.ceil(per_head * retrieving)
         floor = min(prompt_len, self.sinks + self.window + 1)
@@ -303,12 +314,18 @@ class HeteroCache(Method):
     def summary_element_size(self) -> int:
         return torch.empty((), dtype=getattr(torch, self.summary_dtype)).element_size()
 
-    def resolved_index(self, keep: float) -> str:
-        """``index="auto"``: the sketch when its bytes are at most a quarter of a head's budget."""
-        if self.index != "auto":
-            return self.index
-        share = min(self.rank, self.head_dim) * self.summary_element_size / (2 * self.head_dim * self.kv_bytes)
-        return "sketch" if share <= 0.25 * keep else "pages"
+    def resolved_index(self, keep: float) -> str:  # noqa: ARG002 - one signature with resolved_page
+        """``index="auto"``: pages (more faithful than the sketch at keep 0.25 and 0.1, and faster)."""
+        return "pages" if self.index == "auto" else self.index
+
+    def resolved_page(self, keep: float) -> int:
+        """``page="auto"``: the smallest of ``PAGE_SIZES`` whose summaries cost at most ``keep / 6``."""
+        if self.page != "auto":
+            return self.page
+        for page in PAGE_SIZES:
+            if self.summary_element_size / (2 * page * self.kv_bytes) <= keep / 6:
+                return page
+        return PAGE_SIZES[-1]
 
     def budgets(self, keep: float, prompt_len: int, n_layers: int, n_kv_heads: int) -> list[list[int]]:
         return self.plan(keep, prompt_len)[0]
@@ -334,7 +351,8 @@ class HeteroCache(Method):
         if isinstance(self.runtime, DynamicRetrieval) and ctx.window is None:
             dynamic_count = (ctx.budget.float() * self.dynamic_share).long()
             if self.runtime.settings.index == "pages":  # whole pages are fetched
-                dynamic_count = dynamic_count // self.page * self.page
+                page = self.runtime.settings.page
+                dynamic_count = dynamic_count // page * page
             static = select_with_forced(scores, ctx.valid, ctx.budget - dynamic_count, sinks, recent)
             # the first dynamic set: the next best prefill scores (replaced at the first decode step)
             dynamic = self.runtime.watch(ctx, list(range(ctx.n_kv_heads)), static, dynamic_count, scores)
