@@ -342,13 +342,14 @@ class DynamicRetrieval:
         self.counters.refreshes += 1
         self.counters.select_s += time.perf_counter() - start
 
-    def _fetch(self, layer, slots: LayerSlots, rows: torch.Tensor, units: torch.Tensor):
-        """Keys, values ``(m, unit * D)`` on the cache's device of units ``units`` of rows ``rows (m,)``."""
+    def _fetch(self, layer, slots: LayerSlots, rows: torch.Tensor, units: torch.Tensor, flat: torch.Tensor):
+        """Keys, values ``(m, unit * D)`` on the cache's device of units ``units`` of rows ``rows (m,)``
+        (``flat`` = ``rows * U + units``)."""
         unit, d = slots.unit, layer.head_dim
         if self.tier.shares_memory_with(layer.device):  # one indexed copy per tensor, no transfer
             keys = torch.empty((rows.numel(), unit * d), dtype=layer.dtype, device=layer.device)
             values = torch.empty_like(keys)
-            self.tier.take(layer.layer_idx, rows * slots.resident.shape[-1] + units, keys, values, unit)
+            self.tier.take(layer.layer_idx, flat, keys, values, unit)
             return keys, values
         in_tier = units[:, None] * unit + torch.arange(unit, device=units.device)
         keys, values = self.tier.gather(layer.layer_idx, rows, in_tier)  # (m, unit, D) on the tier
@@ -364,14 +365,15 @@ class DynamicRetrieval:
         if incoming.shape[0]:
             free = torch.nonzero(~wanted.gather(1, slots.current))  # (m, 2): (row, unit slot)
             rows, units, into = incoming[:, 0], incoming[:, 1], free[:, 1]
-            keys, values = self._fetch(layer, slots, rows, units)
+            in_tier = rows * slots.resident.shape[-1] + units
+            keys, values = self._fetch(layer, slots, rows, units, in_tier)
             bucket = layer.buckets[0]
             n, capacity, d = bucket.keys.shape
             unit = slots.unit
             if slots.page_positions is None:
                 positions = units[:, None]
             else:
-                positions = slots.page_positions.view(-1, unit).index_select(0, rows * slots.resident.shape[-1] + units)
+                positions = slots.page_positions.view(-1, unit).index_select(0, in_tier)
             flat = rows * (capacity // unit) + into  # unit slots are rows of (n * capacity / unit, unit * D)
             bucket.keys.view(-1, unit * d).index_copy_(0, flat, keys.to(bucket.keys.dtype))
             bucket.values.view(-1, unit * d).index_copy_(0, flat, values.to(bucket.values.dtype))

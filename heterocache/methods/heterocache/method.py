@@ -45,7 +45,7 @@ from heterocache.methods.scoring import select_with_forced
 from heterocache.methods.snapkv import check_window_options, window_votes
 
 DRIFT_MODES = ("async", "sync", "off")
-SUMMARY_DTYPES = ("bfloat16", "float16", "float32")
+SUMMARY_DTYPES = ("bfloat16", "float16", "float32", "float8_e4m3fn")
 
 
 
