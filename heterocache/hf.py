@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface
+from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -92,6 +93,9 @@ def cache_keyword(model=None) -> str:
 
 def cache_kwargs(cache, model=None) -> dict[str, Any]:
     """``{"cache": cache}`` or ``{"past_key_values": cache}``, for ``model(...)`` and ``model.generate(...)``."""
+    if isinstance(model, Cache) or isinstance(cache, torch.nn.Module):
+        raise TypeError("cache_kwargs(cache, model): pass the cache first, then the model "
+                        f"(got {type(cache).__name__}, {type(model).__name__})")
     return {cache_keyword(model): cache}
 
 

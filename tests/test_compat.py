@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import warnings
 
+import pytest
 import torch
 from conftest import tiny_model
 from transformers import DynamicCache
@@ -19,6 +20,9 @@ def test_cache_keyword_follows_the_installed_forward():
     expected = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
     assert cache_keyword(model) == cache_keyword() == expected
     assert cache_kwargs("C", model) == {expected: "C"}
+    cache = hc.make_cache(model, "snapkv", 0.5)
+    with pytest.raises(TypeError, match=r"cache_kwargs\(cache, model\): pass the cache first"):
+        cache_kwargs(model, cache)
 
 
 def test_layer_api_of_both_versions():

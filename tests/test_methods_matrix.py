@@ -67,11 +67,11 @@ def _options(method: str, profile) -> tuple[str, dict]:
 def _expected(method: str, keep: float, n: int, n_layers: int, n_kv: int, retrieving_layers: int) -> int:
     """Kept prompt entries of one row: the total of DESIGN s.2, minus heterocache's page summaries
     (paid from the budget by the heads of full-attention layers, pages of the size ``page="auto"``
-    picks for ``keep``, bf16 vs fp32 K/V)."""
+    picks for ``keep``, float8 means + fp32 channel scales vs fp32 K/V)."""
     total = total_budget(keep, n, n_layers, n_kv)
     if method == "heterocache" and keep < 1.0:
         page = HeteroCache().resolved_page(keep)
-        total -= math.ceil(summary_tokens(n, page, 2, 4) * retrieving_layers * n_kv)
+        total -= math.ceil(summary_tokens(n, page, 1, 4) * retrieving_layers * n_kv)
     return total
 
 

@@ -74,6 +74,7 @@ class LayerSlots:
     base: torch.Tensor  # (n, U) fp32 added to the scores: -inf where not selectable (static, padding);
     # sketch: plus a recency tie-break
     length: int  # prompt length T
+    channel_scale: torch.Tensor | None = None  # float8 summaries: (n, 1, C) fp32 per-channel scale
     unit: int = 1  # prompt tokens per unit
     page_positions: torch.Tensor | None = None  # pages: (n, P, unit) prompt position of every page token
     slot_of: torch.Tensor | None = None  # (n, T) storage slot holding each resident prompt position
@@ -113,14 +114,17 @@ def page_means(keys: torch.Tensor, selectable: torch.Tensor, page: int) -> tuple
 
 
 def summary_tokens(prompt_len: int, page: int, summary_bytes: int, kv_bytes: int) -> float:
-    """Device cost of one head's page summaries in kept-token units (a token = a key and a value)."""
-    return math.ceil(prompt_len / page) * summary_bytes / (2 * kv_bytes)
+    """Device cost of one head's page summaries in kept-token units (a token = a key and a value);
+    8-bit summaries add their fp32 per-channel scale."""
+    scale = 4 if summary_bytes == 1 else 0
+    return (math.ceil(prompt_len / page) * summary_bytes + scale) / (2 * kv_bytes)
 
 
 def sketch_tokens(prompt_len: int, rank: int, head_dim: int, summary_bytes: int, kv_bytes: int) -> float:
     """Device cost of one head's rank-``rank`` sketch (``T x r`` in the summary dtype + an fp32 ``D x r``
     basis) in kept-token units."""
-    return (prompt_len * rank * summary_bytes + head_dim * rank * 4) / (2 * head_dim * kv_bytes)
+    scale = rank * 4 if summary_bytes == 1 else 0  # 8-bit: fp32 per-channel scale
+    return (prompt_len * rank * summary_bytes + head_dim * rank * 4 + scale) / (2 * head_dim * kv_bytes)
 
 
 def key_sketch(keys: torch.Tensor, valid: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,13 +146,15 @@ def unit_scores(slots: LayerSlots, queries: torch.Tensor, stick: float) -> torch
     """``(n, U)`` selection scores of the units for ``queries (n, R, D)`` (R = group x q): the index's
     estimate of ``scaling * q . k`` (per token, or against the page's mean key) shifted per query row
     by its maximum, max over the rows, plus the selection base and ``stick`` for resident units."""
+    # fp32 compute: a bf16 bmm on CPU costs more than widening the stored index each step
     if slots.basis is not None:  # per-token sketch
-        # fp32 compute: a bf16 bmm on CPU costs more than widening the stored index each step
         projected = torch.bmm(queries.float(), slots.basis)  # (n, R, r); the basis carries ``scaling``
+        if slots.channel_scale is not None:
+            projected = projected * slots.channel_scale
         bound = torch.baddbmm(slots.base[:, None], projected, slots.summaries.float())  # (n, R, T)
     else:
-        bound = torch.baddbmm(slots.base[:, None], queries.float(), slots.summaries.float(),
-                              alpha=slots.scaling)  # (n, R, P)
+        q = queries.float() if slots.channel_scale is None else queries.float() * slots.channel_scale
+        bound = torch.baddbmm(slots.base[:, None], q, slots.summaries.float(), alpha=slots.scaling)  # (n, R, P)
     bound = bound - bound.amax(-1, keepdim=True).clamp(min=-1e30)
     score = bound.amax(1)
     if stick:
@@ -225,11 +231,11 @@ class DynamicRetrieval:
         if self.settings.index == "sketch":
             self.tier.put(ctx.layer_idx, keys, values)
             sketch, basis = key_sketch(keys, valid, self.settings.rank)
-            summaries = sketch.to(self.settings.summary_dtype).transpose(1, 2).contiguous()
-            self.summary_bytes += basis.numel() * basis.element_size() + summaries.numel() * summaries.element_size()
+            summaries, scale = self._store_summaries(sketch)
             dynamic = topk_mask(flat_scores[None], counts.reshape(1, -1), selectable[None])[0]
             held = dynamic.sum(-1)  # fewer than asked where a row has fewer selectable tokens
-            slots = LayerSlots(resident=dynamic.clone(), counts=held, width=int(held.max()),
+            self.summary_bytes += basis.numel() * basis.element_size()
+            slots = LayerSlots(resident=dynamic.clone(), counts=held, width=int(held.max()), channel_scale=scale,
                                summaries=summaries, basis=basis * ctx.scaling,  # one multiply less per step
                                base=selection_base(selectable), **common)
         else:
@@ -240,18 +246,31 @@ class DynamicRetrieval:
             paged_keys = keys.gather(1, flat[..., None].expand(-1, -1, d))
             self.tier.put(ctx.layer_idx, paged_keys, values.gather(1, flat[..., None].expand(-1, -1, d)))
             means, _ = page_means(paged_keys, real.repeat_interleave(page, dim=1), page)
-            summaries = means.to(self.settings.summary_dtype).transpose(1, 2).contiguous()
-            self.summary_bytes += summaries.numel() * summaries.element_size()
+            summaries, scale = self._store_summaries(means)
             page_score = flat_scores.gather(1, flat).view(n, pages, page).sum(-1)
             units = counts.reshape(-1) // page
             resident = topk_mask(page_score[None], units[None], real[None])[0]
             units = resident.sum(-1)
             base = torch.zeros(n, pages, device=real.device).masked_fill(~real, float("-inf"))
             slots = LayerSlots(resident=resident, counts=units, width=int(units.max()), summaries=summaries,
+                               channel_scale=scale,
                                basis=None, base=base, unit=page, page_positions=positions, **common)
             dynamic = slots.held_tokens()
         self.layers[ctx.layer_idx] = slots
         return dynamic.view(b, len(heads), length)
+
+    def _store_summaries(self, summary: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``summary (n, U, C)`` fp32 -> stored ``(n, C, U)`` in the summary dtype and, for float8, the
+        per-channel scale ``(n, 1, C)`` it was divided by (channel maximum -> 224, half of e4m3's range),
+        applied to the queries instead; the bytes of both are counted."""
+        dtype, scale = self.settings.summary_dtype, None
+        if dtype.is_floating_point and torch.finfo(dtype).bits == 8:
+            scale = summary.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 224.0
+            summary = summary / scale
+            self.summary_bytes += scale.numel() * scale.element_size()
+        stored = summary.to(dtype).transpose(1, 2).contiguous()
+        self.summary_bytes += stored.numel() * stored.element_size()
+        return stored, scale
 
     # --- decode --------------------------------------------------------------------------------
     def _map_slots(self, layer, slots: LayerSlots) -> None:

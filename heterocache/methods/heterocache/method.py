@@ -64,7 +64,7 @@ def layer_uniform(total: int, n_layers: int, n_heads: int) -> list[list[int]]:
     return budgets
 
 
-PAGE_SIZES = (8, 16, 32, 64)  # page="auto" candidates
+PAGE_SIZES = (4, 8, 16, 32, 64)  # page="auto" candidates
 
 
 @dataclass
@@ -86,14 +86,15 @@ class HeteroCache(Method):
         fetched). ``"auto"`` (default) = pages, measured more faithful and faster (README). Its bytes
         are paid from the budget.
     page : int | str
-        Dynamic mode: prompt tokens per page. ``"auto"`` (default): the smallest of 8, 16, 32, 64
-        whose page summaries cost at most a sixth of ``keep`` (bf16 means of an fp32 cache: 8 at
-        keep >= 0.19, 16 at keep >= 0.094).
+        Dynamic mode: prompt tokens per page. ``"auto"`` (default): the smallest of 4, 8, 16, 32, 64
+        whose page summaries cost at most a sixth of ``keep`` (float8 means of an fp32 cache: 4 at
+        keep >= 0.19, 8 at keep >= 0.094, 16 at keep >= 0.047).
     rank : int
         Dynamic mode, ``index="sketch"``: sketch rank (16).
     summary_dtype : str
-        Dynamic mode: storage dtype of the page summaries (``"bfloat16"``; their bytes are paid
-        out of the budget).
+        Dynamic mode: storage dtype of the index (``"float8_e4m3fn"``, default: each channel divided
+        by its scale, kept in fp32 and applied to the queries; ``"bfloat16"``, ``"float16"``,
+        ``"float32"``); its bytes are paid out of the budget.
     stick : float
         Dynamic mode: score bonus of tokens already resident (0: none); larger values move fewer
         bytes per step at a small loss of fidelity.
@@ -147,7 +148,7 @@ class HeteroCache(Method):
     index: str = "auto"
     page: Any = "auto"
     rank: int = 16
-    summary_dtype: str = "bfloat16"
+    summary_dtype: str = "float8_e4m3fn"
     stick: float = 0.0
     scorer: Any = None
     expected_window: int = 64
