@@ -61,11 +61,11 @@ def test_page_means_and_summary_cost():
     torch.testing.assert_close(means[0], torch.stack([keys[0, 0], (keys[0, 2] + keys[0, 3]) / 2, keys[0, 4]]))
     assert has.tolist() == [[True, True, True], [False, True, False]]
     assert summary_tokens(3000, 16, 2, 4) == 188 * 2 / 8  # 188 pages, bf16 mean key vs fp32 key + value
-    assert summary_tokens(3000, 16, 1, 4) == (188 + 4) / 8  # float8 means + an fp32 scale per channel
+    assert summary_tokens(3000, 16, 1, 4) == (188 + 4) / 8  # int8 means + an fp32 scale per channel
 
 
 def test_auto_page_size_follows_keep():
-    method = HeteroCache()  # float8 page means of an fp32 cache: 1 / (8 * page) of the tokens' bytes
+    method = HeteroCache()  # int8 page means of an fp32 cache: 1 / (8 * page) of the tokens' bytes
     assert [method.resolved_page(k) for k in (0.5, 0.25, 0.1, 0.05, 0.01)] == [4, 4, 8, 16, 64]
     bf16 = HeteroCache(summary_dtype="bfloat16")
     assert [bf16.resolved_page(k) for k in (0.5, 0.25, 0.1)] == [4, 8, 16]
@@ -144,7 +144,7 @@ def test_dynamic_budget_pays_for_the_summaries_and_keep_one_is_exact():
     assert out.shape[1] == ids.shape[1] + 6
     kept = torch.stack([layer.kept_prompt_tokens() for layer in cache.layers])  # (L, B, H)
     for row, n in enumerate([200, 150]):
-        cost = math.ceil(summary_tokens(n, 16, 1, 4) * 2 * 4)  # 2 layers x 4 heads retrieve, float8 means
+        cost = math.ceil(summary_tokens(n, 16, 1, 4) * 2 * 4)  # 2 layers x 4 heads retrieve, int8 means
         assert int(kept[:, row].sum()) == total_budget(0.5, n, 2, 4) - cost
     stats = cache.stats()
     assert stats["retrieval_refreshes"] == 2 * 5  # every layer, every decode step after the first token
@@ -161,7 +161,7 @@ def test_dynamic_budget_pays_for_the_summaries_and_keep_one_is_exact():
 
 
 @pytest.mark.parametrize("option,value,match", [("dynamic_share", 1.5, "dynamic_share=1.5"), ("page", 0, "page=0"),
-                                                ("summary_dtype", "int8", "summary_dtype='int8'"),
+                                                ("summary_dtype", "float8", "summary_dtype='float8'"),
                                                 ("scorer", "oracle", "scorer='oracle'"), ("stick", -1.0, "stick=-1.0")])
 def test_dynamic_options_are_validated(option, value, match):
     with pytest.raises(ValueError, match=match):
@@ -198,9 +198,9 @@ def test_sketch_index_is_paid_from_the_budget():
     with torch.no_grad():
         model.generate(ids, attention_mask=mask, **cache_kwargs(cache, model), max_new_tokens=3, do_sample=False)
     kept = sum(int(layer.kept_prompt_tokens().sum()) for layer in cache.layers)
-    assert kept == total_budget(0.5, 200, 2, 4) - math.ceil(sketch_tokens(200, 4, 16, 1, 4) * 8)  # float8 sketch
+    assert kept == total_budget(0.5, 200, 2, 4) - math.ceil(sketch_tokens(200, 4, 16, 1, 4) * 8)  # int8 sketch
     stats = cache.stats()
-    # per head: float8 sketch (200 x 4), fp32 basis (16 x 4), fp32 channel scale (4)
+    # per head: int8 sketch (200 x 4), fp32 basis (16 x 4), fp32 channel scale (4)
     assert stats["summary_bytes"] == 8 * (200 * 4 + 16 * 4 * 4 + 4 * 4) and stats["retrieval_refreshes"] == 2 * 2
 
 
@@ -235,17 +235,16 @@ def test_block_swap_matches_the_token_swap(index):
     assert logits[True][1] == logits[False][1]  # the same positions held by every head
 
 
-def test_float8_summaries_are_scaled_per_channel():
-    """Keys far outside float8 e4m3's range (448) stay finite and keep ~2 significant digits."""
+def test_int8_summaries_are_scaled_per_channel():
+    """Channels of any magnitude keep their shape: each is rounded on its own scale (max / 127)."""
     from heterocache.methods.heterocache.dynamic import DynamicRetrieval, DynamicSettings
 
-    runtime = DynamicRetrieval(DynamicSettings("pages", 4, 16, 0.0, torch.float8_e4m3fn, "host", None))
+    runtime = DynamicRetrieval(DynamicSettings("pages", 4, 16, 0.0, torch.int8, "host", None))
     summary = torch.randn(2, 10, 3, generator=torch.Generator().manual_seed(0))
     summary[:, :, 0] *= 5000.0  # one huge channel
     stored, scale = runtime._store_summaries(summary)
-    assert stored.dtype == torch.float8_e4m3fn and stored.shape == (2, 3, 10) and scale.shape == (2, 1, 3)
+    assert stored.dtype == torch.int8 and stored.shape == (2, 3, 10) and scale.shape == (2, 1, 3)
     restored = stored.float().transpose(1, 2) * scale
-    assert torch.isfinite(restored).all()
-    error = (restored - summary).abs() / summary.abs().amax(1, keepdim=True)  # relative to the channel's range
-    assert float(error.max()) < 0.07
-    assert runtime.summary_bytes == 2 * 3 * 10 + 2 * 3 * 4  # float8 values + fp32 scales
+    step = summary.abs().amax(1, keepdim=True) / 127  # the channel's rounding step
+    assert bool(((restored - summary).abs() <= step / 2 + 1e-6 * step).all())
+    assert runtime.summary_bytes == 2 * 3 * 10 + 2 * 3 * 4  # int8 values + fp32 scales

@@ -67,7 +67,7 @@ def _options(method: str, profile) -> tuple[str, dict]:
 def _expected(method: str, keep: float, n: int, n_layers: int, n_kv: int, retrieving_layers: int) -> int:
     """Kept prompt entries of one row: the total of DESIGN s.2, minus heterocache's page summaries
     (paid from the budget by the heads of full-attention layers, pages of the size ``page="auto"``
-    picks for ``keep``, float8 means + fp32 channel scales vs fp32 K/V)."""
+    picks for ``keep``, int8 means + fp32 channel scales vs fp32 K/V)."""
     total = total_budget(keep, n, n_layers, n_kv)
     if method == "heterocache" and keep < 1.0:
         page = HeteroCache().resolved_page(keep)

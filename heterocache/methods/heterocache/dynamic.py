@@ -74,7 +74,7 @@ class LayerSlots:
     base: torch.Tensor  # (n, U) fp32 added to the scores: -inf where not selectable (static, padding);
     # sketch: plus a recency tie-break
     length: int  # prompt length T
-    channel_scale: torch.Tensor | None = None  # float8 summaries: (n, 1, C) fp32 per-channel scale
+    channel_scale: torch.Tensor | None = None  # int8 summaries: (n, 1, C) fp32 per-channel scale
     unit: int = 1  # prompt tokens per unit
     page_positions: torch.Tensor | None = None  # pages: (n, P, unit) prompt position of every page token
     slot_of: torch.Tensor | None = None  # (n, T) storage slot holding each resident prompt position
@@ -115,7 +115,7 @@ def page_means(keys: torch.Tensor, selectable: torch.Tensor, page: int) -> tuple
 
 def summary_tokens(prompt_len: int, page: int, summary_bytes: int, kv_bytes: int) -> float:
     """Device cost of one head's page summaries in kept-token units (a token = a key and a value);
-    8-bit summaries add their fp32 per-channel scale."""
+    int8 summaries add their fp32 per-channel scale."""
     scale = 4 if summary_bytes == 1 else 0
     return (math.ceil(prompt_len / page) * summary_bytes + scale) / (2 * kv_bytes)
 
@@ -123,7 +123,7 @@ def summary_tokens(prompt_len: int, page: int, summary_bytes: int, kv_bytes: int
 def sketch_tokens(prompt_len: int, rank: int, head_dim: int, summary_bytes: int, kv_bytes: int) -> float:
     """Device cost of one head's rank-``rank`` sketch (``T x r`` in the summary dtype + an fp32 ``D x r``
     basis) in kept-token units."""
-    scale = rank * 4 if summary_bytes == 1 else 0  # 8-bit: fp32 per-channel scale
+    scale = rank * 4 if summary_bytes == 1 else 0  # int8: fp32 per-channel scale
     return (prompt_len * rank * summary_bytes + head_dim * rank * 4 + scale) / (2 * head_dim * kv_bytes)
 
 
@@ -260,13 +260,13 @@ class DynamicRetrieval:
         return dynamic.view(b, len(heads), length)
 
     def _store_summaries(self, summary: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``summary (n, U, C)`` fp32 -> stored ``(n, C, U)`` in the summary dtype and, for float8, the
-        per-channel scale ``(n, 1, C)`` it was divided by (channel maximum -> 224, half of e4m3's range),
-        applied to the queries instead; the bytes of both are counted."""
+        """``summary (n, U, C)`` fp32 -> stored ``(n, C, U)`` in the summary dtype and, for int8, the
+        per-channel scale ``(n, 1, C)`` (channel maximum / 127; values rounded to the nearest step)
+        that the queries are multiplied by instead; the bytes of both are counted."""
         dtype, scale = self.settings.summary_dtype, None
-        if dtype.is_floating_point and torch.finfo(dtype).bits == 8:
-            scale = summary.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 224.0
-            summary = summary / scale
+        if dtype == torch.int8:
+            scale = summary.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+            summary = (summary / scale).round().clamp(-127, 127)
             self.summary_bytes += scale.numel() * scale.element_size()
         stored = summary.to(dtype).transpose(1, 2).contiguous()
         self.summary_bytes += stored.numel() * stored.element_size()

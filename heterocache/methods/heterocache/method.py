@@ -45,7 +45,7 @@ from heterocache.methods.scoring import select_with_forced
 from heterocache.methods.snapkv import check_window_options, window_votes
 
 DRIFT_MODES = ("async", "sync", "off")
-SUMMARY_DTYPES = ("bfloat16", "float16", "float32", "float8_e4m3fn")
+SUMMARY_DTYPES = ("int8", "bfloat16", "float16", "float32")
 
 
 
@@ -87,14 +87,14 @@ class HeteroCache(Method):
         are paid from the budget.
     page : int | str
         Dynamic mode: prompt tokens per page. ``"auto"`` (default): the smallest of 4, 8, 16, 32, 64
-        whose page summaries cost at most a sixth of ``keep`` (float8 means of an fp32 cache: 4 at
+        whose page summaries cost at most a sixth of ``keep`` (int8 means of an fp32 cache: 4 at
         keep >= 0.19, 8 at keep >= 0.094, 16 at keep >= 0.047).
     rank : int
         Dynamic mode, ``index="sketch"``: sketch rank (16).
     summary_dtype : str
-        Dynamic mode: storage dtype of the index (``"float8_e4m3fn"``, default: each channel divided
-        by its scale, kept in fp32 and applied to the queries; ``"bfloat16"``, ``"float16"``,
-        ``"float32"``); its bytes are paid out of the budget.
+        Dynamic mode: storage dtype of the index (``"int8"``, default: each channel rounded to 255
+        levels of its own fp32 scale, which multiplies the queries instead; ``"bfloat16"``,
+        ``"float16"``, ``"float32"``); its bytes are paid out of the budget.
     stick : float
         Dynamic mode: score bonus of tokens already resident (0: none); larger values move fewer
         bytes per step at a small loss of fidelity.
@@ -148,7 +148,7 @@ class HeteroCache(Method):
     index: str = "auto"
     page: Any = "auto"
     rank: int = 16
-    summary_dtype: str = "float8_e4m3fn"
+    summary_dtype: str = "int8"
     stick: float = 0.0
     scorer: Any = None
     expected_window: int = 64
