@@ -44,7 +44,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check heterocache tests
+	$(BIN)/ruff check heterocache tests research
 
 clean:
 	rm -rf $(VENV) $(PEERS_VENV) build *.egg-info
