@@ -218,7 +218,7 @@ def test_block_swap_matches_the_token_swap(index):
             out = model(ids, **cache_kwargs(cache, model))
             runtime = cache.method.runtime
             runtime.allow_blocks = blocks
-            for _ in range(6):
+            for _ in range(24):  # past the prefill headroom: the buckets grow, unit-aligned
                 token = out.logits[:, -1:].argmax(-1)
                 out = model(token, **cache_kwargs(cache, model))
                 rows.append(out.logits[:, -1])
@@ -227,7 +227,8 @@ def test_block_swap_matches_the_token_swap(index):
                                                                        for slots in runtime.layers.values()]
         assert runtime.layers[0].uniform
         if blocks:  # unit slots are whole rows of a (n * capacity / unit, unit * D) view
-            assert cache.layers[0].buckets[0].capacity % runtime.layers[0].unit == 0
+            bucket = cache.layers[0].buckets[0]
+            assert bucket.capacity % runtime.layers[0].unit == 0 and bucket.capacity > bucket.stored_len + 9
         held = [set(layer.padded()[2][0, h, : layer.padded()[3][0, h]].tolist()) for layer in cache.layers
                 for h in range(2)]
         logits[blocks] = (torch.cat(rows), held)
@@ -248,3 +249,20 @@ def test_int8_summaries_are_scaled_per_channel():
     step = summary.abs().amax(1, keepdim=True) / 127  # the channel's rounding step
     assert bool(((restored - summary).abs() <= step / 2 + 1e-6 * step).all())
     assert runtime.summary_bytes == 2 * 3 * 10 + 2 * 3 * 4  # int8 values + fp32 scales
+
+
+def test_block_layout_stays_unit_aligned_when_buckets_grow():
+    """Whatever capacity the prefill left (a unit multiple or not), growth past the headroom keeps it
+    a multiple of the unit, so the block swap's (n * capacity / unit, unit * D) view stays valid."""
+    model = tiny_model("llama", layers=1, heads=4, kv_heads=2)
+    for length in range(296, 304):
+        ids = torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(length))
+        cache = hc.make_cache(model, "heterocache", 0.25, page=4, window=8, sinks=2)
+        with torch.no_grad():
+            out = model(ids, **cache_kwargs(cache, model))
+            for _ in range(24):
+                out = model(out.logits[:, -1:].argmax(-1), **cache_kwargs(cache, model))
+        bucket = cache.layers[0].buckets[0]
+        # every later growth rounds to the bucket's alignment (a unit multiple, even when the prefill
+        # capacity happened to be one already)
+        assert cache.method.runtime.layers[0].blocks and bucket.capacity % 4 == 0 and bucket.align % 4 == 0, length

@@ -309,8 +309,7 @@ class DynamicRetrieval:
         bucket = layer.buckets[0]
         if bucket.window is not None or not bucket.is_identity or len(found) != bucket.keys.shape[0]:
             return False
-        if bucket.window is None and bucket.capacity % slots.unit:
-            bucket.realign(slots.unit)  # unit slots are then rows of a (n * capacity / unit, unit * D) view
+        bucket.realign(slots.unit)  # now and after any growth, unit slots are rows of (n * capacity / unit, unit * D)
         n, capacity, d = bucket.keys.shape
         if any(not t.is_contiguous() for t in (bucket.keys, bucket.values, bucket.positions)):
             return False  # the unit-slot views need contiguous storage
