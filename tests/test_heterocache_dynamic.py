@@ -168,24 +168,24 @@ def test_dynamic_options_are_validated(option, value, match):
         hc.make_cache(tiny_model(), "heterocache", 0.5, **{option: value})
 
 
-def test_full_rank_sketch_selects_the_exact_top_tokens():
-    from heterocache.methods.heterocache.dynamic import LayerSlots, choose, key_sketch, selection_base
+def test_full_rank_sketch_selects_the_exact_top_pages():
+    """With rank = D the sketch is exact: a page scores as its best token's shifted logit."""
+    from heterocache.methods.heterocache.dynamic import LayerSlots, choose, key_sketch
 
     gen = torch.Generator().manual_seed(5)
-    n, length, d, width = 2, 40, 8, 6
-    keys = torch.randn(n, length, d, generator=gen)
+    n, pages, page, d, width = 2, 10, 4, 8, 3
+    keys = torch.randn(n, pages * page, d, generator=gen)
     queries = torch.randn(n, 3, d, generator=gen)
-    selectable = torch.ones(n, length, dtype=torch.bool)
-    selectable[:, :4] = False  # sinks held statically
-    sketch, basis = key_sketch(keys, torch.ones(n, length, dtype=torch.bool), d)  # rank = D: exact
-    slots = LayerSlots(seq=[0, 1],
-                       resident=torch.zeros(n, length, dtype=torch.bool), counts=torch.full((n,), width), width=width,
-                       summaries=sketch.transpose(1, 2).contiguous(), basis=basis * 0.3, scaling=0.3,
-                       base=selection_base(selectable), length=length)
+    sketch, basis = key_sketch(keys, torch.ones(n, pages * page, dtype=torch.bool), d)  # rank = D: exact
+    base = torch.zeros(n, pages)
+    base[:, 0] = float("-inf")  # a padding page
+    slots = LayerSlots(seq=[0, 1], resident=torch.zeros(n, pages, dtype=torch.bool), counts=torch.full((n,), width),
+                       width=width, summaries=sketch.transpose(1, 2).contiguous(), basis=basis * 0.3, scaling=0.3,
+                       base=base, length=pages * page, unit=page)
     chosen = choose(slots, queries, 0.0)
-    logits = (queries @ keys.transpose(1, 2)) * 0.3  # (n, 3, T)
-    logits = logits - logits.masked_fill(~selectable[:, None], float("-inf")).amax(-1, keepdim=True)
-    want = logits.amax(1).masked_fill(~selectable, float("-inf")).topk(width, dim=-1).indices
+    logits = ((queries @ keys.transpose(1, 2)) * 0.3).view(n, 3, pages, page).amax(-1) + base[:, None]  # (n, 3, P)
+    logits = logits - logits.amax(-1, keepdim=True)
+    want = logits.amax(1).topk(width, dim=-1).indices
     assert [sorted(r) for r in chosen.tolist()] == [sorted(r) for r in want.tolist()]
 
 
@@ -200,8 +200,11 @@ def test_sketch_index_is_paid_from_the_budget():
     kept = sum(int(layer.kept_prompt_tokens().sum()) for layer in cache.layers)
     assert kept == total_budget(0.5, 200, 2, 4) - math.ceil(sketch_tokens(200, 4, 16, 1, 4) * 8)  # int8 sketch
     stats = cache.stats()
-    # per head: int8 sketch (200 x 4), fp32 basis (16 x 4), fp32 channel scale (4)
-    assert stats["summary_bytes"] == 8 * (200 * 4 + 16 * 4 * 4 + 4 * 4) and stats["retrieval_refreshes"] == 2 * 2
+    # per head: int8 sketch of its paged (non-static) tokens x rank 4, fp32 basis (16 x 4), fp32 scale (4),
+    # within what the budget paid for (every prompt token sketched)
+    sketched = sum(slots.summaries.numel() for slots in cache.method.runtime.layers.values())  # int8 bytes
+    assert stats["summary_bytes"] == sketched + 8 * (16 * 4 * 4 + 4 * 4) <= 8 * (200 * 4 + 16 * 4 * 4 + 4 * 4)
+    assert stats["retrieval_refreshes"] == 2 * 2
 
 
 @pytest.mark.parametrize("index", ["pages", "sketch"])

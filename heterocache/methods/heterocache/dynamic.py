@@ -4,18 +4,18 @@ Every compressed head of a full-attention layer holds on the device, inside its 
 
 - a static part chosen at prefill (sinks, the most recent tokens, the best expected-attention rest);
 - ``count`` dynamic slots, refilled before the attention of every decode step with the prompt
-  tokens that this step's own queries point at, fetched from the head's full prompt K/V kept in
-  the slow tier (host memory or disk);
-- a device-resident index of the prompt keys, whose bytes ``method.budgets`` pays out of the
-  kept-token budget: ``index="pages"``, the mean key of the non-static tokens of every ``page``
-  prompt positions; or ``index="sketch"``, every key projected on the head's top-``rank`` right
-  singular vectors (a per-token low-rank sketch, Loki-style), both stored in ``summary_dtype``.
+  pages that this step's own queries point at. At prefill the head's non-static prompt tokens are
+  cut, in position order, into pages of ``page`` tokens (``page_layout``); the slow tier (host
+  memory or disk) keeps them in that layout, so a page is fetched as one block;
+- a device-resident index, whose bytes ``method.budgets`` pays out of the kept-token budget:
+  ``index="pages"``, the mean key of every page; or ``index="sketch"``, every paged key projected on
+  the head's top-``rank`` right singular vectors (Loki-style), a page scoring as its best token;
+  both stored in ``summary_dtype`` (int8: with an fp32 scale per channel).
 
-Selection per sequence (batch row x KV head): approximate ``scaling * q . k`` from the index (per
-page, or per token), shifted per query row by its maximum, max over the group's query rows, plus
-``stick`` for tokens already resident (hysteresis: fewer bytes moved); the best tokens fill the
-slots (within a page later tokens first), static tokens and padding excluded. Only tokens not
-already resident are fetched and counted as moved.
+Selection per sequence (batch row x KV head): approximate ``scaling * q . k`` from the index,
+shifted per query row by its maximum, max over the group's query rows (plus ``stick`` for resident
+pages: hysteresis, fewer bytes moved); the best pages fill the slots. Only pages not already
+resident are fetched and counted as moved.
 """
 
 from __future__ import annotations
@@ -59,20 +59,18 @@ class DynamicCounters:
 class LayerSlots:
     """Dynamic-slot state of one layer: ``n`` sequences (batch row x compressed KV head).
 
-    Selection works on *units*: single prompt tokens (``index="sketch"``) or pages of ``unit`` prompt
-    tokens (``index="pages"``: the selectable tokens of a sequence, in position order, cut into pages;
-    the full copy in the tier is kept in that page layout, so a page is fetched as one block).
+    Selection works on *units*: pages of ``unit`` selectable prompt tokens of a sequence, in position
+    order (``page=1``: single tokens); the copy in the tier is kept in that page layout.
     """
 
     seq: list[int]  # cache sequence ids b * Hkv + h
     resident: torch.Tensor  # (n, U) bool: the units now in the dynamic slots
     counts: torch.Tensor  # (n,) units held per sequence
     width: int  # max(counts)
-    summaries: torch.Tensor  # pages: (n, D, P) mean keys; sketch: (n, r, T) projected keys (summary dtype)
+    summaries: torch.Tensor  # pages: (n, D, P) mean keys; sketch: (n, r, P * unit) projected paged keys
     basis: torch.Tensor | None  # sketch: (n, D, r) fp32 top right singular vectors of the keys x scaling
     scaling: float
-    base: torch.Tensor  # (n, U) fp32 added to the scores: -inf where not selectable (static, padding);
-    # sketch: plus a recency tie-break
+    base: torch.Tensor  # (n, P) fp32 added to the page scores: 0, or -inf on padding pages
     length: int  # prompt length T
     channel_scale: torch.Tensor | None = None  # int8 summaries: (n, 1, C) fp32 per-channel scale
     unit: int = 1  # prompt tokens per unit
@@ -135,23 +133,19 @@ def key_sketch(keys: torch.Tensor, valid: torch.Tensor, rank: int) -> tuple[torc
     return keys.float() @ basis, basis
 
 
-def selection_base(selectable: torch.Tensor) -> torch.Tensor:
-    """``(n, T)`` fp32 added to every step's token scores: -inf where a token may not be fetched, else
-    a recency tie-break far below any gap between page scores (within a page, later tokens first)."""
-    recency = torch.arange(selectable.shape[-1], device=selectable.device, dtype=torch.float32) * 1e-9
-    return recency.expand_as(selectable).masked_fill(~selectable, float("-inf")).contiguous()
-
-
 def unit_scores(slots: LayerSlots, queries: torch.Tensor, stick: float) -> torch.Tensor:
     """``(n, U)`` selection scores of the units for ``queries (n, R, D)`` (R = group x q): the index's
     estimate of ``scaling * q . k`` (per token, or against the page's mean key) shifted per query row
     by its maximum, max over the rows, plus the selection base and ``stick`` for resident units."""
     # fp32 compute: a bf16 bmm on CPU costs more than widening the stored index each step
-    if slots.basis is not None:  # per-token sketch
+    if slots.basis is not None:  # per-token sketch; a page scores as its best token
         projected = torch.bmm(queries.float(), slots.basis)  # (n, R, r); the basis carries ``scaling``
         if slots.channel_scale is not None:
             projected = projected * slots.channel_scale
-        bound = torch.baddbmm(slots.base[:, None], projected, slots.summaries.float())  # (n, R, T)
+        bound = torch.bmm(projected, slots.summaries.float())  # (n, R, P * unit)
+        if slots.unit > 1:
+            bound = bound.view(*bound.shape[:2], -1, slots.unit).amax(-1)
+        bound = bound + slots.base[:, None]
     else:
         q = queries.float() if slots.channel_scale is None else queries.float() * slots.channel_scale
         bound = torch.baddbmm(slots.base[:, None], q, slots.summaries.float(), alpha=slots.scaling)  # (n, R, P)
@@ -228,34 +222,30 @@ class DynamicRetrieval:
         n_kv = ctx.n_kv_heads
         seq = [row * n_kv + h for row in range(b) for h in heads]
         common = {"seq": seq, "scaling": ctx.scaling, "length": length, "every_row": seq == list(range(b * n_kv))}
-        if self.settings.index == "sketch":
-            self.tier.put(ctx.layer_idx, keys, values)
-            sketch, basis = key_sketch(keys, valid, self.settings.rank)
-            summaries, scale = self._store_summaries(sketch)
-            dynamic = topk_mask(flat_scores[None], counts.reshape(1, -1), selectable[None])[0]
-            held = dynamic.sum(-1)  # fewer than asked where a row has fewer selectable tokens
+        page = self.settings.page
+        positions, real = page_layout(selectable, flat_scores, page)
+        n, pages = real.shape
+        flat = positions.view(n, pages * page)
+        paged_keys = keys.gather(1, flat[..., None].expand(-1, -1, d))
+        self.tier.put(ctx.layer_idx, paged_keys, values.gather(1, flat[..., None].expand(-1, -1, d)))
+        basis = None
+        if self.settings.index == "sketch":  # every paged key on the head's top singular vectors
+            _, basis = key_sketch(keys, valid, self.settings.rank)
+            summaries, scale = self._store_summaries(paged_keys.float() @ basis)
             self.summary_bytes += basis.numel() * basis.element_size()
-            slots = LayerSlots(resident=dynamic.clone(), counts=held, width=int(held.max()), channel_scale=scale,
-                               summaries=summaries, basis=basis * ctx.scaling,  # one multiply less per step
-                               base=selection_base(selectable), **common)
+            basis = basis * ctx.scaling  # one multiply less per step
         else:
-            page = self.settings.page
-            positions, real = page_layout(selectable, flat_scores, page)
-            n, pages = real.shape
-            flat = positions.view(n, pages * page)
-            paged_keys = keys.gather(1, flat[..., None].expand(-1, -1, d))
-            self.tier.put(ctx.layer_idx, paged_keys, values.gather(1, flat[..., None].expand(-1, -1, d)))
             means, _ = page_means(paged_keys, real.repeat_interleave(page, dim=1), page)
             summaries, scale = self._store_summaries(means)
-            page_score = flat_scores.gather(1, flat).view(n, pages, page).sum(-1)
-            units = counts.reshape(-1) // page
-            resident = topk_mask(page_score[None], units[None], real[None])[0]
-            units = resident.sum(-1)
-            base = torch.zeros(n, pages, device=real.device).masked_fill(~real, float("-inf"))
-            slots = LayerSlots(resident=resident, counts=units, width=int(units.max()), summaries=summaries,
-                               channel_scale=scale,
-                               basis=None, base=base, unit=page, page_positions=positions, **common)
-            dynamic = slots.held_tokens()
+        page_score = flat_scores.gather(1, flat).view(n, pages, page).sum(-1)
+        units = counts.reshape(-1) // page
+        resident = topk_mask(page_score[None], units[None], real[None])[0]
+        units = resident.sum(-1)  # fewer than asked where a row has fewer selectable pages
+        base = torch.zeros(n, pages, device=real.device).masked_fill(~real, float("-inf"))
+        slots = LayerSlots(resident=resident, counts=units, width=int(units.max()), summaries=summaries,
+                           channel_scale=scale, basis=basis, base=base, unit=page, page_positions=positions,
+                           **common)
+        dynamic = slots.held_tokens()
         self.layers[ctx.layer_idx] = slots
         return dynamic.view(b, len(heads), length)
 

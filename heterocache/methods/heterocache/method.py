@@ -351,9 +351,8 @@ class HeteroCache(Method):
         sinks = 0 if ctx.window is not None else self.sinks  # the model's first tokens are out of reach
         if isinstance(self.runtime, DynamicRetrieval) and ctx.window is None:
             dynamic_count = (ctx.budget.float() * self.dynamic_share).long()
-            if self.runtime.settings.index == "pages":  # whole pages are fetched
-                page = self.runtime.settings.page
-                dynamic_count = dynamic_count // page * page
+            page = self.runtime.settings.page  # whole pages are fetched
+            dynamic_count = dynamic_count // page * page
             static = select_with_forced(scores, ctx.valid, ctx.budget - dynamic_count, sinks, recent)
             # the first dynamic set: the next best prefill scores (replaced at the first decode step)
             dynamic = self.runtime.watch(ctx, list(range(ctx.n_kv_heads)), static, dynamic_count, scores)
