@@ -168,20 +168,27 @@ def choose(slots: LayerSlots, queries: torch.Tensor, stick: float) -> torch.Tens
     return torch.where(arange < slots.counts[:, None], chosen, last)
 
 
-def page_layout(selectable: torch.Tensor, scores: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+def page_layout(selectable: torch.Tensor, scores: torch.Tensor, page: int,
+                spare: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cut each row's selectable positions (``(n, T)`` bool) into pages of ``page`` consecutive ones.
 
-    When a row's count is not a multiple of ``page`` its lowest-``scores`` selectable tokens are left
-    out (never retrievable; fewer than ``page``). Returns ``positions (n, P, page)`` long (0 on padding
-    pages) and ``real (n, P)`` bool.
+    A row's remainder (its count modulo ``page``) is not paged: its highest-``scores`` selectable
+    tokens are returned in ``extra`` (to be kept statically) where ``spare (n,)`` allows it, else its
+    lowest-scored ones are left out. Returns ``positions (n, P, page)`` long (0 on padding pages),
+    ``real (n, P)`` bool and ``extra (n, T)`` bool.
     """
     rows = []
+    extra = torch.zeros_like(selectable)
     for i in range(selectable.shape[0]):
         positions = torch.nonzero(selectable[i]).flatten()
-        extra = positions.numel() % page
-        if extra:
-            keep = scores[i, positions].topk(positions.numel() - extra).indices.sort().values
-            positions = positions[keep]
+        left = positions.numel() % page
+        if left:
+            order = scores[i, positions].argsort(descending=True, stable=True)
+            if spare is None or bool(spare[i]):  # the best ones are kept, the rest paged
+                extra[i, positions[order[:left]]] = True
+                positions = positions[order[left:].sort().values]
+            else:
+                positions = positions[order[: positions.numel() - left].sort().values]
         rows.append(positions.view(-1, page))
     pages = max(1, max(r.shape[0] for r in rows))
     out = torch.zeros(len(rows), pages, page, dtype=torch.long, device=selectable.device)
@@ -189,7 +196,7 @@ def page_layout(selectable: torch.Tensor, scores: torch.Tensor, page: int) -> tu
     for i, r in enumerate(rows):
         out[i, : r.shape[0]] = r
         real[i, : r.shape[0]] = True
-    return out, real
+    return out, real, extra
 
 
 class DynamicRetrieval:
@@ -204,9 +211,10 @@ class DynamicRetrieval:
     # --- prefill -------------------------------------------------------------------------------
     def watch(self, ctx, heads: list[int], static: torch.Tensor, counts: torch.Tensor,
               scores: torch.Tensor) -> torch.Tensor:
-        """Keep the full prompt K/V of ``heads`` (every batch row) in the tier, build their index, and
-        return the first dynamic set ``(B, len(heads), T)`` bool (the best prefill ``scores`` outside
-        ``static``; replaced at the first decode step).
+        """Keep the paged prompt K/V of ``heads`` (every batch row) in the tier, build their index, and
+        return what to keep beyond ``static``, ``(B, len(heads), T)`` bool: the first dynamic pages (the
+        best by prefill ``scores``; replaced at the first decode step) and the few remainder tokens
+        that do not fill a page (kept statically, ``page_layout``).
 
         ``static (B, len(heads), T)``: the prefill's static part; ``counts (B, len(heads))``: dynamic
         tokens per sequence (page multiples for ``index="pages"``); ``scores (B, len(heads), T)``.
@@ -223,7 +231,13 @@ class DynamicRetrieval:
         seq = [row * n_kv + h for row in range(b) for h in heads]
         common = {"seq": seq, "scaling": ctx.scaling, "length": length, "every_row": seq == list(range(b * n_kv))}
         page = self.settings.page
-        positions, real = page_layout(selectable, flat_scores, page)
+        units = counts.reshape(-1) // page
+        # a remainder token kept statically costs a page of the dynamic slots: equal rows keep the
+        # block layout, so every row of the layer gives one up (unused: fewer than ``page`` tokens)
+        spare = units > 0
+        positions, real, extra = page_layout(selectable, flat_scores, page, spare)
+        if bool(extra.any()):
+            units = torch.where(spare, units - 1, units)
         n, pages = real.shape
         flat = positions.view(n, pages * page)
         paged_keys = keys.gather(1, flat[..., None].expand(-1, -1, d))
@@ -238,16 +252,14 @@ class DynamicRetrieval:
             means, _ = page_means(paged_keys, real.repeat_interleave(page, dim=1), page)
             summaries, scale = self._store_summaries(means)
         page_score = flat_scores.gather(1, flat).view(n, pages, page).sum(-1)
-        units = counts.reshape(-1) // page
         resident = topk_mask(page_score[None], units[None], real[None])[0]
         units = resident.sum(-1)  # fewer than asked where a row has fewer selectable pages
         base = torch.zeros(n, pages, device=real.device).masked_fill(~real, float("-inf"))
         slots = LayerSlots(resident=resident, counts=units, width=int(units.max()), summaries=summaries,
                            channel_scale=scale, basis=basis, base=base, unit=page, page_positions=positions,
                            **common)
-        dynamic = slots.held_tokens()
         self.layers[ctx.layer_idx] = slots
-        return dynamic.view(b, len(heads), length)
+        return (slots.held_tokens() | extra).view(b, len(heads), length)
 
     def _store_summaries(self, summary: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``summary (n, U, C)`` fp32 -> stored ``(n, C, U)`` in the summary dtype and, for int8, the

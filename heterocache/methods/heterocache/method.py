@@ -354,9 +354,8 @@ class HeteroCache(Method):
             page = self.runtime.settings.page  # whole pages are fetched
             dynamic_count = dynamic_count // page * page
             static = select_with_forced(scores, ctx.valid, ctx.budget - dynamic_count, sinks, recent)
-            # the first dynamic set: the next best prefill scores (replaced at the first decode step)
-            dynamic = self.runtime.watch(ctx, list(range(ctx.n_kv_heads)), static, dynamic_count, scores)
-            return static | dynamic
+            # + the first dynamic pages (the next best prefill scores; replaced at the first decode step)
+            return static | self.runtime.watch(ctx, list(range(ctx.n_kv_heads)), static, dynamic_count, scores)
         chosen = select_with_forced(scores, ctx.valid, ctx.budget, sinks, recent)
         keep = torch.where(full[..., None], keep, chosen)
         if isinstance(self.runtime, Runtime) and ctx.window is None:
