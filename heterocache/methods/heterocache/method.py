@@ -64,7 +64,8 @@ def layer_uniform(total: int, n_layers: int, n_heads: int) -> list[list[int]]:
     return budgets
 
 
-PAGE_SIZES = (4, 8, 16, 32, 64)  # page="auto" candidates
+PAGE_SIZES = (4, 8, 16, 32, 64)  # page="auto" candidates (index="pages")
+SKETCH_RANKS = (16, 8, 4)  # rank="auto" candidates
 
 
 @dataclass
@@ -89,8 +90,10 @@ class HeteroCache(Method):
         Dynamic mode: prompt tokens per page. ``"auto"`` (default): the smallest of 4, 8, 16, 32, 64
         whose page summaries cost at most a sixth of ``keep`` (int8 means of an fp32 cache: 4 at
         keep >= 0.19, 8 at keep >= 0.094, 16 at keep >= 0.047).
-    rank : int
-        Dynamic mode, ``index="sketch"``: sketch rank (16).
+    rank : int | str
+        Dynamic mode, ``index="sketch"``: sketch rank. ``"auto"`` (default): the largest of 16, 8, 4
+        whose sketch costs at most a sixth of ``keep`` (int8, head_dim 64, fp32 cache: 16 at
+        keep >= 0.19, 8 at keep >= 0.094).
     summary_dtype : str
         Dynamic mode: storage dtype of the index (``"int8"``, default: each channel rounded to 255
         levels of its own fp32 scale, which multiplies the queries instead; ``"bfloat16"``,
@@ -147,7 +150,7 @@ class HeteroCache(Method):
     dynamic_share: float = 0.75
     index: str = "auto"
     page: Any = "auto"
-    rank: int = 16
+    rank: Any = "auto"
     summary_dtype: str = "int8"
     stick: float = 0.0
     scorer: Any = None
@@ -170,6 +173,7 @@ class HeteroCache(Method):
     def __post_init__(self) -> None:
         self.inv_freq: torch.Tensor | None = None  # RoPE frequencies (bind_model)
         self.kv_bytes = 4  # bytes per key/value element (bind_model)
+        self.head_dim = 64  # setup() reads the cache's
 
     @property
     def dynamic(self) -> bool:
@@ -182,12 +186,15 @@ class HeteroCache(Method):
         if self.profile is not None and not isinstance(self.profile, (str, Path, HeadProfile)):
             raise ValueError(f"profile must be a HeadProfile or a JSON path, got {type(self.profile).__name__}")
         check_range("dynamic_share", self.dynamic_share, 0, 1)
-        check_choice("index", self.index, ("auto", "pages", "sketch"))
+        check_choice("index", self.index, ("auto", "pages", "sketch", "both"))
         if self.page != "auto":
             if isinstance(self.page, bool) or not isinstance(self.page, int):
                 raise ValueError(f"page={self.page!r} must be 'auto' or an integer >= 1")
             check_range("page", self.page, 1)
-        check_range("rank", self.rank, 1)
+        if self.rank != "auto":
+            if isinstance(self.rank, bool) or not isinstance(self.rank, int):
+                raise ValueError(f"rank={self.rank!r} must be 'auto' or an integer >= 1")
+            check_range("rank", self.rank, 1)
         check_choice("summary_dtype", self.summary_dtype, SUMMARY_DTYPES)
         check_range("stick", self.stick, 0)
         if self.scorer is not None:
@@ -261,7 +268,8 @@ class HeteroCache(Method):
         self.runtime: Runtime | DynamicRetrieval | None = None
         if self.dynamic:
             self.runtime = DynamicRetrieval(DynamicSettings(self.resolved_index(cache.keep),
-                                                            self.resolved_page(cache.keep), self.rank,
+                                                            self.resolved_page(cache.keep),
+                                                            self.resolved_rank(cache.keep),
                                                             self.stick,
                                                             getattr(torch, self.summary_dtype), self.offload,
                                                             self.offload_dir))
@@ -289,11 +297,13 @@ class HeteroCache(Method):
         if keep >= 1.0:  # FullKV: nothing to retrieve, no summaries
             return [[prompt_len] * n_heads for _ in range(n_layers)], [[True] * n_heads for _ in range(n_layers)]
         summary_bytes = self.summary_element_size
-        if self.resolved_index(keep) == "sketch":
-            rank = min(self.rank, self.head_dim, prompt_len)
-            per_head = sketch_tokens(prompt_len, rank, self.head_dim, summary_bytes, self.kv_bytes)
-        else:
-            per_head = summary_tokens(prompt_len, self.resolved_page(keep), summary_bytes, self.kv_bytes)
+        index = self.resolved_index(keep)
+        per_head = 0.0
+        if index in ("sketch", "both"):
+            rank = min(self.resolved_rank(keep), self.head_dim, prompt_len)
+            per_head += sketch_tokens(prompt_len, rank, self.head_dim, summary_bytes, self.kv_bytes)
+        if index in ("pages", "both"):
+            per_head += summary_tokens(prompt_len, self.resolved_page(keep), summary_bytes, self.kv_bytes)
         retrieving = sum(window is None for window in self.layer_windows) * n_heads
         total = total_budget(keep, prompt_len, n_layers, n_heads) - math.ceil(per_head * retrieving)
         floor = min(prompt_len, self.sinks + self.window + 1)
@@ -319,14 +329,30 @@ class HeteroCache(Method):
         """``index="auto"``: pages (more faithful than the sketch at keep 0.25 and 0.1, and faster)."""
         return "pages" if self.index == "auto" else self.index
 
+    def index_share(self, keep: float) -> float:
+        """Most of ``keep`` one index may cost: a sixth, a twelfth each with ``index="both"``."""
+        return keep / (12 if self.resolved_index(keep) == "both" else 6)
+
     def resolved_page(self, keep: float) -> int:
-        """``page="auto"``: the smallest of ``PAGE_SIZES`` whose summaries cost at most ``keep / 6``."""
+        """``page="auto"``: the smallest of ``PAGE_SIZES`` whose summaries cost at most ``index_share``
+        (the sketch alone: 8)."""
         if self.page != "auto":
             return self.page
+        if self.resolved_index(keep) == "sketch":
+            return 8
         for page in PAGE_SIZES:
-            if self.summary_element_size / (2 * page * self.kv_bytes) <= keep / 6:
+            if self.summary_element_size / (2 * page * self.kv_bytes) <= self.index_share(keep):
                 return page
         return PAGE_SIZES[-1]
+
+    def resolved_rank(self, keep: float) -> int:
+        """``rank="auto"``: the largest of ``SKETCH_RANKS`` whose sketch costs at most ``keep / 6``."""
+        if self.rank != "auto":
+            return self.rank
+        for rank in SKETCH_RANKS:
+            if rank * self.summary_element_size / (2 * self.head_dim * self.kv_bytes) <= self.index_share(keep):
+                return rank
+        return SKETCH_RANKS[-1]
 
     def budgets(self, keep: float, prompt_len: int, n_layers: int, n_kv_heads: int) -> list[list[int]]:
         return self.plan(keep, prompt_len)[0]
