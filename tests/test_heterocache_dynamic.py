@@ -64,12 +64,16 @@ def test_page_means_and_summary_cost():
     assert summary_tokens(3000, 16, 1, 4) == (188 + 4) / 8  # int8 means + an fp32 scale per channel
 
 
-def test_auto_page_size_follows_keep():
-    method = HeteroCache()  # int8 page means of an fp32 cache: 1 / (8 * page) of the tokens' bytes
-    assert [method.resolved_page(k) for k in (0.5, 0.25, 0.1, 0.05, 0.01)] == [4, 4, 8, 16, 64]
-    bf16 = HeteroCache(summary_dtype="bfloat16")
+def test_auto_index_page_and_rank_follow_keep():
+    method = HeteroCache()  # int8 index of an fp32 cache, head_dim 64
+    assert [method.resolved_index(k) for k in (0.5, 0.25, 0.1)] == ["sketch", "sketch", "pages"]
+    assert [method.resolved_page(k) for k in (0.5, 0.25, 0.1, 0.05, 0.01)] == [8, 8, 8, 16, 64]
+    assert [method.resolved_rank(k) for k in (0.5, 0.25, 0.1, 0.05)] == [16, 16, 8, 4]
+    pages = HeteroCache(index="pages")  # int8 page means: 1 / (8 * page) of the tokens' bytes
+    assert [pages.resolved_page(k) for k in (0.5, 0.25, 0.1)] == [4, 4, 8]
+    bf16 = HeteroCache(index="pages", summary_dtype="bfloat16")
     assert [bf16.resolved_page(k) for k in (0.5, 0.25, 0.1)] == [4, 8, 16]
-    assert HeteroCache(page=4).resolved_page(0.1) == 4 and method.resolved_index(0.25) == "pages"
+    assert HeteroCache(page=4).resolved_page(0.1) == 4
     with pytest.raises(ValueError, match="page='big' must be 'auto' or an integer"):
         hc.make_cache(tiny_model(), "heterocache", 0.5, page="big")
 

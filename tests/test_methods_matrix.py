@@ -19,7 +19,7 @@ import heterocache as hc
 from heterocache.budget import sliding_cap, total_budget
 from heterocache.hf import cache_kwargs
 from heterocache.methods.heterocache import HeteroCache
-from heterocache.methods.heterocache.dynamic import summary_tokens
+from heterocache.methods.heterocache.dynamic import sketch_tokens, summary_tokens
 from heterocache.models import layer_windows
 
 LENGTHS = [53, 30]  # odd prompt length, left padding in row 1
@@ -64,14 +64,20 @@ def _options(method: str, profile) -> tuple[str, dict]:
     return method, {}
 
 
-def _expected(method: str, keep: float, n: int, n_layers: int, n_kv: int, retrieving_layers: int) -> int:
-    """Kept prompt entries of one row: the total of DESIGN s.2, minus heterocache's page summaries
-    (paid from the budget by the heads of full-attention layers, pages of the size ``page="auto"``
-    picks for ``keep``, int8 means + fp32 channel scales vs fp32 K/V)."""
+def _expected(method: str, keep: float, n: int, n_layers: int, n_kv: int, retrieving_layers: int,
+              head_dim: int = 16) -> int:
+    """Kept prompt entries of one row: the total of DESIGN s.2, minus heterocache's device index (paid
+    from the budget by the heads of full-attention layers: the sketch or page means ``auto`` picks for
+    ``keep``, int8 + fp32 channel scales vs fp32 K/V)."""
     total = total_budget(keep, n, n_layers, n_kv)
     if method == "heterocache" and keep < 1.0:
-        page = HeteroCache().resolved_page(keep)
-        total -= math.ceil(summary_tokens(n, page, 1, 4) * retrieving_layers * n_kv)
+        plan = HeteroCache()
+        plan.head_dim = head_dim
+        if plan.resolved_index(keep) == "sketch":
+            cost = sketch_tokens(n, min(plan.resolved_rank(keep), head_dim, n), head_dim, 1, 4)
+        else:
+            cost = summary_tokens(n, plan.resolved_page(keep), 1, 4)
+        total -= math.ceil(cost * retrieving_layers * n_kv)
     return total
 
 
@@ -95,7 +101,7 @@ def test_method_matrix(family, method, keep):
     cache = hc.make_cache(model, name, keep, **options)
     out = _generate(model, ids, mask, cache)
     n_layers, n_kv = model.config.num_hidden_layers, model.config.num_key_value_heads
-    expected = [_expected(method, keep, n, n_layers, n_kv, n_layers) for n in LENGTHS]
+    expected = [_expected(method, keep, n, n_layers, n_kv, n_layers, model.config.head_dim) for n in LENGTHS]
     prompt_len = ids.shape[1]
     kept = torch.stack([layer.kept_prompt_tokens() for layer in cache.layers])  # (layers, B, Hkv)
     stored = torch.stack([layer.padded()[3] for layer in cache.layers])
@@ -108,6 +114,13 @@ def test_method_matrix(family, method, keep):
         assert stats["keep_fraction"] == 1.0
     elif method in EVICTS_DURING_DECODE:
         assert stored.sum(dim=(0, 2)).tolist() == expected  # generated tokens compete for the slots
+        assert stats["keep_fraction"] <= keep + 1e-9
+    elif name == "heterocache" and "profile" not in options:
+        # dynamic retrieval: a head's remainder tokens (fewer than a page) cost its layer a page of slots,
+        # so fewer than a page per head may stay unused
+        page = cache.method.resolved_page(keep)
+        for got, want in zip(kept.sum(dim=(0, 2)).tolist(), expected):
+            assert want - page * n_layers * n_kv < got <= want
         assert stats["keep_fraction"] <= keep + 1e-9
     else:
         assert kept.sum(dim=(0, 2)).tolist() == expected
@@ -177,9 +190,16 @@ def test_hybrid_method_matrix(family, method, keep):
         model.generate(ids, attention_mask=mask, **cache_kwargs(prefill, model), max_new_tokens=1, do_sample=False)
     capacity = [n_kv * sum(sliding_cap(n, w) for w in windows) for n in LENGTHS]
     retrieving = sum(w is None for w in windows)
-    expected = [min(_expected(method, keep, n, n_layers, n_kv, retrieving), c) for n, c in zip(LENGTHS, capacity)]
+    head_dim = prefill.layers[0].head_dim
+    expected = [min(_expected(method, keep, n, n_layers, n_kv, retrieving, head_dim), c)
+                for n, c in zip(LENGTHS, capacity)]
     kept = torch.stack([layer.kept_prompt_tokens() for layer in prefill.layers])  # (layers, B, Hkv)
-    assert kept.sum(dim=(0, 2)).tolist() == expected
+    if name == "heterocache" and "profile" not in options and keep < 1.0:  # remainder pages, as above
+        page = prefill.method.resolved_page(keep)
+        for got, want in zip(kept.sum(dim=(0, 2)).tolist(), expected):
+            assert want - page * retrieving * n_kv <= got <= want
+    else:
+        assert kept.sum(dim=(0, 2)).tolist() == expected
     for layer, window in zip(prefill.layers, windows):
         positions = layer.padded()[2]
         assert not ((positions >= 0) & (positions < prompt_len - LENGTHS[1]))[1].any()  # no padding

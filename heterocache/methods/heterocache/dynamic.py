@@ -73,8 +73,6 @@ class LayerSlots:
     base: torch.Tensor  # (n, P) fp32 added to the page scores: 0, or -inf on padding pages
     length: int  # prompt length T
     channel_scale: torch.Tensor | None = None  # int8 summaries: (n, 1, C) fp32 per-channel scale
-    means: torch.Tensor | None = None  # index="both": (n, D, P) page mean keys beside the sketch
-    means_scale: torch.Tensor | None = None  # their int8 channel scale (n, 1, D)
     unit: int = 1  # prompt tokens per unit
     page_positions: torch.Tensor | None = None  # pages: (n, P, unit) prompt position of every page token
     slot_of: torch.Tensor | None = None  # (n, T) storage slot holding each resident prompt position
@@ -148,15 +146,10 @@ def unit_scores(slots: LayerSlots, queries: torch.Tensor, stick: float) -> torch
         if slots.unit > 1:
             bound = bound.view(*bound.shape[:2], -1, slots.unit).amax(-1)
         bound = bound + slots.base[:, None]
-        bound = bound - bound.amax(-1, keepdim=True).clamp(min=-1e30)
-        if slots.means is not None:  # index="both": the better of the two shifted estimates
-            q = queries.float() if slots.means_scale is None else queries.float() * slots.means_scale
-            mean = torch.baddbmm(slots.base[:, None], q, slots.means.float(), alpha=slots.scaling)
-            bound = torch.maximum(bound, mean - mean.amax(-1, keepdim=True).clamp(min=-1e30))
     else:
         q = queries.float() if slots.channel_scale is None else queries.float() * slots.channel_scale
         bound = torch.baddbmm(slots.base[:, None], q, slots.summaries.float(), alpha=slots.scaling)  # (n, R, P)
-        bound = bound - bound.amax(-1, keepdim=True).clamp(min=-1e30)
+    bound = bound - bound.amax(-1, keepdim=True).clamp(min=-1e30)
     score = bound.amax(1)
     if stick:
         score = score + stick * slots.resident
@@ -249,24 +242,21 @@ class DynamicRetrieval:
         flat = positions.view(n, pages * page)
         paged_keys = keys.gather(1, flat[..., None].expand(-1, -1, d))
         self.tier.put(ctx.layer_idx, paged_keys, values.gather(1, flat[..., None].expand(-1, -1, d)))
-        basis = mean_keys = mean_scale = None
-        if self.settings.index != "pages":  # every paged key on the head's top singular vectors
+        basis = None
+        if self.settings.index == "sketch":  # every paged key on the head's top singular vectors
             _, basis = key_sketch(keys, valid, self.settings.rank)
             summaries, scale = self._store_summaries(paged_keys.float() @ basis)
             self.summary_bytes += basis.numel() * basis.element_size()
             basis = basis * ctx.scaling  # one multiply less per step
-        if self.settings.index != "sketch":
+        else:
             means, _ = page_means(paged_keys, real.repeat_interleave(page, dim=1), page)
-            mean_keys, mean_scale = self._store_summaries(means)
-            if basis is None:
-                summaries, scale, mean_keys, mean_scale = mean_keys, mean_scale, None, None
+            summaries, scale = self._store_summaries(means)
         page_score = flat_scores.gather(1, flat).view(n, pages, page).sum(-1)
         resident = topk_mask(page_score[None], units[None], real[None])[0]
         units = resident.sum(-1)  # fewer than asked where a row has fewer selectable pages
         base = torch.zeros(n, pages, device=real.device).masked_fill(~real, float("-inf"))
         slots = LayerSlots(resident=resident, counts=units, width=int(units.max()), summaries=summaries,
-                           channel_scale=scale, means=mean_keys, means_scale=mean_scale, basis=basis, base=base,
-                           unit=page, page_positions=positions,
+                           channel_scale=scale, basis=basis, base=base, unit=page, page_positions=positions,
                            **common)
         self.layers[ctx.layer_idx] = slots
         return (slots.held_tokens() | extra).view(b, len(heads), length)

@@ -83,13 +83,14 @@ class HeteroCache(Method):
     index : str
         Dynamic mode: the device-resident index the step's queries are scored against: ``"pages"``
         (mean key of each page of ``page`` selectable prompt tokens; whole pages are fetched) or
-        ``"sketch"`` (every key on its head's top-``rank`` right singular vectors; single tokens are
-        fetched). ``"auto"`` (default) = pages, measured more faithful and faster (README). Its bytes
-        are paid from the budget.
+        ``"sketch"`` (every paged key on its head's top-``rank`` right singular vectors; a page scores
+        as its best token). ``"auto"`` (default): the
+        sketch where a rank-16 one costs at most a sixth of ``keep`` (keep >= 0.19 for an fp32 cache,
+        head_dim 64), else pages (measured: README). Its bytes are paid from the budget.
     page : int | str
-        Dynamic mode: prompt tokens per page. ``"auto"`` (default): the smallest of 4, 8, 16, 32, 64
-        whose page summaries cost at most a sixth of ``keep`` (int8 means of an fp32 cache: 4 at
-        keep >= 0.19, 8 at keep >= 0.094, 16 at keep >= 0.047).
+        Dynamic mode: prompt tokens per page (fetched as one block). ``"auto"`` (default): 8 with the
+        sketch; with page means the smallest of 4, 8, 16, 32, 64 whose means cost at most a sixth of
+        ``keep`` (int8 means of an fp32 cache: 8 at keep >= 0.094, 16 at keep >= 0.047).
     rank : int | str
         Dynamic mode, ``index="sketch"``: sketch rank. ``"auto"`` (default): the largest of 16, 8, 4
         whose sketch costs at most a sixth of ``keep`` (int8, head_dim 64, fp32 cache: 16 at
@@ -186,7 +187,7 @@ class HeteroCache(Method):
         if self.profile is not None and not isinstance(self.profile, (str, Path, HeadProfile)):
             raise ValueError(f"profile must be a HeadProfile or a JSON path, got {type(self.profile).__name__}")
         check_range("dynamic_share", self.dynamic_share, 0, 1)
-        check_choice("index", self.index, ("auto", "pages", "sketch", "both"))
+        check_choice("index", self.index, ("auto", "pages", "sketch"))
         if self.page != "auto":
             if isinstance(self.page, bool) or not isinstance(self.page, int):
                 raise ValueError(f"page={self.page!r} must be 'auto' or an integer >= 1")
@@ -297,13 +298,11 @@ class HeteroCache(Method):
         if keep >= 1.0:  # FullKV: nothing to retrieve, no summaries
             return [[prompt_len] * n_heads for _ in range(n_layers)], [[True] * n_heads for _ in range(n_layers)]
         summary_bytes = self.summary_element_size
-        index = self.resolved_index(keep)
-        per_head = 0.0
-        if index in ("sketch", "both"):
+        if self.resolved_index(keep) == "sketch":
             rank = min(self.resolved_rank(keep), self.head_dim, prompt_len)
-            per_head += sketch_tokens(prompt_len, rank, self.head_dim, summary_bytes, self.kv_bytes)
-        if index in ("pages", "both"):
-            per_head += summary_tokens(prompt_len, self.resolved_page(keep), summary_bytes, self.kv_bytes)
+            per_head = sketch_tokens(prompt_len, rank, self.head_dim, summary_bytes, self.kv_bytes)
+        else:
+            per_head = summary_tokens(prompt_len, self.resolved_page(keep), summary_bytes, self.kv_bytes)
         retrieving = sum(window is None for window in self.layer_windows) * n_heads
         total = total_budget(keep, prompt_len, n_layers, n_heads) - math.ceil(per_head * retrieving)
         floor = min(prompt_len, self.sinks + self.window + 1)
@@ -325,23 +324,25 @@ class HeteroCache(Method):
     def summary_element_size(self) -> int:
         return torch.empty((), dtype=getattr(torch, self.summary_dtype)).element_size()
 
-    def resolved_index(self, keep: float) -> str:  # noqa: ARG002 - one signature with resolved_page
-        """``index="auto"``: pages (more faithful than the sketch at keep 0.25 and 0.1, and faster)."""
-        return "pages" if self.index == "auto" else self.index
-
-    def index_share(self, keep: float) -> float:
-        """Most of ``keep`` one index may cost: a sixth, a twelfth each with ``index="both"``."""
-        return keep / (12 if self.resolved_index(keep) == "both" else 6)
+    def resolved_index(self, keep: float) -> str:
+        """``index="auto"``: the sketch where a rank-16 one fits in ``keep / 6`` (keep >= 0.19 for int8,
+        head_dim 64, an fp32 cache), else page means. Measured (README, docs/research/quality.md): at
+        keep 0.25 the sketch answers the question-after pass keys (9/9, page means 7/9) at a somewhat
+        higher KL; at keep 0.1 page means are far more faithful than a rank-8 sketch."""
+        if self.index != "auto":
+            return self.index
+        share = SKETCH_RANKS[0] * self.summary_element_size / (2 * self.head_dim * self.kv_bytes)
+        return "sketch" if share <= keep / 6 else "pages"
 
     def resolved_page(self, keep: float) -> int:
-        """``page="auto"``: the smallest of ``PAGE_SIZES`` whose summaries cost at most ``index_share``
-        (the sketch alone: 8)."""
+        """``page="auto"``: the smallest of ``PAGE_SIZES`` whose summaries cost at most ``keep / 6``
+        (with the sketch, whose cost does not depend on the page: 8)."""
         if self.page != "auto":
             return self.page
         if self.resolved_index(keep) == "sketch":
             return 8
         for page in PAGE_SIZES:
-            if self.summary_element_size / (2 * page * self.kv_bytes) <= self.index_share(keep):
+            if self.summary_element_size / (2 * page * self.kv_bytes) <= keep / 6:
                 return page
         return PAGE_SIZES[-1]
 
@@ -350,7 +351,7 @@ class HeteroCache(Method):
         if self.rank != "auto":
             return self.rank
         for rank in SKETCH_RANKS:
-            if rank * self.summary_element_size / (2 * self.head_dim * self.kv_bytes) <= self.index_share(keep):
+            if rank * self.summary_element_size / (2 * self.head_dim * self.kv_bytes) <= keep / 6:
                 return rank
         return SKETCH_RANKS[-1]
 
