@@ -32,10 +32,10 @@ def test_sequential_prompts_are_deterministic_and_hide_every_key(tok, text_dir):
     assert [s.sample_id for s in samples] == ["len900-seq3-key0", "len900-seq3-key1"]
     other_seed = passkey.load(tokenizer=tok, lengths=[900], samples=2, sequential=3, text_dir=text_dir, seed=5)
     assert [s.gold for s in samples] != [s.gold for s in other_seed]
-    # its own defaults, unchanged by the PEERS single-key protocol: seed 1234, 10 new tokens, substring match
+    # its own defaults: seed 1234, 12 new tokens (a named answer is 11 tokens), substring match
     assert samples == list(passkey.load(tokenizer=tok, lengths=[900], samples=2, sequential=3, text_dir=text_dir,
                                         seed=1234))
-    assert all(s.max_new_tokens == 10 and s.metric == "string_match_part" for s in samples)
+    assert all(s.max_new_tokens == 12 and s.metric == "string_match_part" for s in samples)
     for s in samples:
         names = re.findall(r"The (\w+) pass key is (\d{5})\. Remember it\. \2 is the \1 pass key\.", s.context)
         assert [n for n, _ in names] == ["first", "second", "third"]  # in depth order

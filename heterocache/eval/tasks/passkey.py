@@ -21,7 +21,7 @@ each sample hides N differently named keys ("The first pass key is K. ...") at d
 spliced at the token level after the full-stop token at or before token ``int(length * depth)`` of the
 essays joined without separator, and asks for them one after the other, each question (a new user
 turn) answered before the next is asked; keys from ``random.Random(f"{seed}:sequential{N}:{index}")``
-(seed 1234); 10 new tokens; a hit when the key appears in the answer (``string_match_part``); the
+(seed 1234); 12 new tokens per answer (a named answer is 11); a hit when the key appears in the answer (``string_match_part``); the
 runner scores the fraction of questions answered (``extra["turns"]`` holds the follow-up questions
 and their keys).
 """
@@ -44,7 +44,7 @@ DEFAULT_DEPTHS = (0.1, 0.5, 0.9)
 DEFAULT_SEED = 7
 DEFAULT_MAX_NEW_TOKENS = 12
 SEQUENTIAL_SEED = 1234
-SEQUENTIAL_MAX_NEW_TOKENS = 10
+SEQUENTIAL_MAX_NEW_TOKENS = 12  # "The second pass key is 80784." is 11 tokens
 ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth")
 NAMED_SENTENCE = "The {name} pass key is {key}. Remember it. {key} is the {name} pass key."
 NAMED_QUESTION = "What is the {name} pass key? Answer with the number only."
@@ -111,8 +111,8 @@ def load(data_dir=None, tasks: Sequence[str] | str | None = None, tokenizer=None
          text_dir=None, max_new_tokens: int | None = None, sequential: int = 0) -> Iterator[Sample]:
     """Pass key samples for every (length, depth, key) in that order; ``samples`` = keys per depth.
 
-    ``seed`` defaults to 7 (single key, PEERS.md) or 1234 (``sequential``); ``max_new_tokens`` to 12
-    or 10. ``sequential=N``: instead, ``samples`` samples per length, each with N named keys asked in
+    ``seed`` defaults to 7 (single key, PEERS.md) or 1234 (``sequential``); ``max_new_tokens`` to 12.
+    ``sequential=N``: instead, ``samples`` samples per length, each with N named keys asked in
     turn (module docstring); ``depths`` is then unused.
 
     ``data_dir``, ``max_prompt_tokens`` and ``problems`` are accepted for the registry signature
