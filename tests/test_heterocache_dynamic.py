@@ -191,7 +191,8 @@ def test_full_rank_sketch_selects_the_exact_top_pages():
     base[:, 0] = float("-inf")  # a padding page
     slots = LayerSlots(seq=[0, 1], resident=torch.zeros(n, pages, dtype=torch.bool), counts=torch.full((n,), width),
                        width=width, summaries=sketch.transpose(1, 2).contiguous(), basis=basis * 0.3, scaling=0.3,
-                       base=base, length=pages * page, unit=page)
+                       base=base, length=pages * page, unit=page,
+                       page_positions=torch.arange(pages * page).view(1, pages, page).expand(n, -1, -1))
     chosen = choose(slots, queries, 0.0)
     logits = ((queries @ keys.transpose(1, 2)) * 0.3).view(n, 3, pages, page).amax(-1) + base[:, None]  # (n, 3, P)
     logits = logits - logits.amax(-1, keepdim=True)

@@ -34,10 +34,10 @@ from heterocache.methods.scoring import topk_mask
 @dataclass(frozen=True)
 class DynamicSettings:
     index: str  # "pages" (page-mean keys) or "sketch" (per-token rank-`rank` projection)
-    page: int  # prompt tokens per summary page
+    page: int  # prompt tokens per page (the unit fetched)
     rank: int  # sketch rank
-    stick: float  # log-score bonus of resident tokens
-    summary_dtype: torch.dtype  # storage dtype of the page summaries
+    stick: float  # score bonus of resident pages
+    summary_dtype: torch.dtype  # storage dtype of the index
     offload: str  # slow tier of the full prompt K/V ("host", "disk", "none")
     offload_dir: Any
 
@@ -72,16 +72,15 @@ class LayerSlots:
     scaling: float
     base: torch.Tensor  # (n, P) fp32 added to the page scores: 0, or -inf on padding pages
     length: int  # prompt length T
+    page_positions: torch.Tensor  # (n, P, unit) prompt position of every page token (``page_layout``)
     channel_scale: torch.Tensor | None = None  # int8 summaries: (n, 1, C) fp32 per-channel scale
     unit: int = 1  # prompt tokens per unit
-    page_positions: torch.Tensor | None = None  # pages: (n, P, unit) prompt position of every page token
     slot_of: torch.Tensor | None = None  # (n, T) storage slot holding each resident prompt position
     seq_ids: torch.Tensor | None = None  # ``seq`` as a tensor
     version: int = -1  # the layer storage version ``slot_of`` was computed for
     every_row: bool = False  # ``seq`` is every sequence of the layer in order (no query gather)
     uniform: bool = True  # every sequence has ``width`` units
     blocks: bool = False  # unit slot k of a sequence = storage slots [k * unit, (k + 1) * unit) (``_layout``)
-    row_offset: torch.Tensor | None = None  # blocks: (n, 1) first flat unit of each row in the tier
     current: torch.Tensor | None = None  # blocks: (n, width) the unit in each unit slot
 
     def __post_init__(self) -> None:
@@ -89,8 +88,6 @@ class LayerSlots:
 
     def held_tokens(self) -> torch.Tensor:
         """``(n, T)`` bool: the prompt tokens in the dynamic slots."""
-        if self.page_positions is None:
-            return self.resident
         n = self.resident.shape[0]
         held = torch.zeros(n, self.length, dtype=torch.bool, device=self.resident.device)
         pages = self.resident[:, :, None].expand(-1, -1, self.unit)
@@ -217,7 +214,7 @@ class DynamicRetrieval:
         that do not fill a page (kept statically, ``page_layout``).
 
         ``static (B, len(heads), T)``: the prefill's static part; ``counts (B, len(heads))``: dynamic
-        tokens per sequence (page multiples for ``index="pages"``); ``scores (B, len(heads), T)``.
+        tokens per sequence (page multiples); ``scores (B, len(heads), T)``.
         """
         b, _, length, d = ctx.keys.shape
         if self.tier is None:
@@ -315,19 +312,15 @@ class DynamicRetrieval:
         n, capacity, d = bucket.keys.shape
         if any(not t.is_contiguous() for t in (bucket.keys, bucket.values, bucket.positions)):
             return False  # the unit-slot views need contiguous storage
-        unit_of = torch.full((n, capacity), -1, dtype=torch.long, device=layer.device)
         held = slots.resident.nonzero()  # (n * width, 2) row-major: each row's units in order
         units = held[:, 1].view(n, slots.width)
-        if slots.page_positions is None:
-            unit_positions = units[..., None]
-        else:
-            unit_positions = slots.page_positions.gather(1, units[..., None].expand(-1, -1, slots.unit))
+        unit_positions = slots.page_positions.gather(1, units[..., None].expand(-1, -1, slots.unit))
         rows = torch.arange(n, device=layer.device)
         block = slots.width * slots.unit
-        # storage slot of every unit token, in unit order
+        # storage slot of every unit token, in unit order, then every other slot in its order
         first = slots.slot_of[rows[:, None, None], unit_positions].view(n, block)
-        unit_of.scatter_(1, first, 0)
-        rest = torch.nonzero(unit_of < 0)[:, 1].view(n, -1)
+        other = torch.ones(n, capacity, dtype=torch.bool, device=layer.device).scatter_(1, first, False)
+        rest = torch.nonzero(other)[:, 1].view(n, -1)
         order = torch.cat([first, rest], dim=1)
         for name in ("keys", "values"):
             tensor = getattr(bucket, name)
@@ -335,7 +328,6 @@ class DynamicRetrieval:
         bucket.positions.copy_(bucket.positions.gather(1, order))
         slots.slot_of[rows[:, None], bucket.positions[:, :block].long()] = torch.arange(block, device=layer.device)
         slots.current = units.contiguous()
-        slots.row_offset = (rows * slots.resident.shape[-1])[:, None]
         layer.version += 1  # the slots moved; nothing else addresses them (a later store bumps it again)
         slots.version = layer.version
         return True
@@ -364,7 +356,7 @@ class DynamicRetrieval:
 
     def _fetch(self, layer, slots: LayerSlots, rows: torch.Tensor, units: torch.Tensor, flat: torch.Tensor):
         """Keys, values ``(m, unit * D)`` on the cache's device of units ``units`` of rows ``rows (m,)``
-        (``flat`` = ``rows * U + units``)."""
+        (``flat`` = ``rows * U + units``); both swaps fetch through here."""
         unit, d = slots.unit, layer.head_dim
         if self.tier.shares_memory_with(layer.device):  # one indexed copy per tensor, no transfer
             keys = torch.empty((rows.numel(), unit * d), dtype=layer.dtype, device=layer.device)
@@ -390,10 +382,7 @@ class DynamicRetrieval:
             bucket = layer.buckets[0]
             n, capacity, d = bucket.keys.shape
             unit = slots.unit
-            if slots.page_positions is None:
-                positions = units[:, None]
-            else:
-                positions = slots.page_positions.view(-1, unit).index_select(0, in_tier)
+            positions = slots.page_positions.view(-1, unit).index_select(0, in_tier)
             flat = rows * (capacity // unit) + into  # unit slots are rows of (n * capacity / unit, unit * D)
             bucket.keys.view(-1, unit * d).index_copy_(0, flat, keys.to(bucket.keys.dtype))
             bucket.values.view(-1, unit * d).index_copy_(0, flat, values.to(bucket.values.dtype))
@@ -414,17 +403,11 @@ class DynamicRetrieval:
         if incoming.shape[0]:
             leaving = torch.nonzero(slots.resident > wanted)  # (m, 2): resident, not chosen again
             rows, units = incoming[:, 0], incoming[:, 1]
-            if slots.page_positions is None:
-                positions, out_positions, in_tier = units[:, None], leaving[:, 1:], units[:, None]
-            else:
-                positions = slots.page_positions[rows, units]  # (m, unit)
-                out_positions = slots.page_positions[leaving[:, 0], leaving[:, 1]]
-                in_tier = units[:, None] * slots.unit + torch.arange(slots.unit, device=units.device)
+            positions = slots.page_positions[rows, units]  # (m, unit)
+            out_positions = slots.page_positions[leaving[:, 0], leaving[:, 1]]
             into = slots.slot_of[leaving[:, :1], out_positions]  # (m, unit)
-            keys, values = self.tier.gather(layer.layer_idx, rows, in_tier)  # (m, unit, D)
-            d = keys.shape[-1]
-            keys = keys.reshape(-1, d).to(layer.device, non_blocking=True)
-            values = values.reshape(-1, d).to(layer.device, non_blocking=True)
+            keys, values = self._fetch(layer, slots, rows, units, rows * slots.resident.shape[-1] + units)
+            keys, values = keys.view(-1, layer.head_dim), values.view(-1, layer.head_dim)  # token rows
             seq = slots.seq_ids[rows][:, None].expand_as(positions)
             layer.write_slots(seq.reshape(-1), into.reshape(-1), keys, values, positions.reshape(-1))
             slots.slot_of[rows[:, None], positions] = into
