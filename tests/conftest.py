@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from transformers import (
@@ -98,3 +100,29 @@ def hybrid_model(family: str, seed: int = 0, layers: int = 4, heads: int = 8, kv
 
 
 HYBRID_FAMILIES = ("gemma3", "mistral-sliding", "qwen2-hybrid")
+
+
+def two_hot_regions(n_kv_heads: int, d: int = 8, length: int = 64):
+    """The constructed-drift fixture of the HeteroCache tests: keys ``(1, H, length, d)`` with two hot
+    regions, A (positions 10..13, along ``u``) and B (40..43, along ``v``), random values and a
+    stand-in attention module. Returns ``module, keys, values, u, v``."""
+    u, v = torch.zeros(d), torch.zeros(d)
+    u[0], v[1] = 1.0, 1.0
+    gen = torch.Generator().manual_seed(0)
+    keys = 0.01 * torch.randn((1, n_kv_heads, length, d), generator=gen)
+    keys[:, :, 10:14] += 8 * u
+    keys[:, :, 40:44] += 8 * v
+    values = torch.randn((1, n_kv_heads, length, d), generator=gen)
+    module = types.SimpleNamespace(num_key_value_groups=1, is_causal=True, training=False)
+    return module, keys, values, u, v
+
+
+def attend(cache, module, keys, values, query_dir) -> None:
+    """Store ``keys/values (1, H, q, D)`` in layer 0 of ``cache`` and attend with ``q`` queries along
+    ``query_dir`` per KV head (one query head each)."""
+    from heterocache.hf import headwise_attention
+
+    layer = cache.layers[0]
+    query = (8 * query_dir).expand(1, keys.shape[1], keys.shape[2], -1).contiguous()
+    pending, _ = layer.update(keys, values)
+    headwise_attention(module, query, pending, pending, None, scaling=1.0)

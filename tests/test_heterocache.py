@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
-from conftest import left_padded_batch, tiny_model
+from conftest import attend, left_padded_batch, tiny_model, two_hot_regions
 from transformers import DynamicCache
 
 import heterocache as hc
 from heterocache.budget import allocate
 from heterocache.cache import HeadwiseCache
-from heterocache.hf import cache_kwargs, headwise_attention
+from heterocache.hf import cache_kwargs
 from heterocache.methods.heterocache import HeteroCache
 from heterocache.methods.heterocache.tiers import DiskTier, MemoryTier
 from heterocache.methods.scoring import select_with_forced
@@ -108,39 +106,25 @@ def _drift_setup(retrieval="sync", offload="host", **options):
     cache = HeadwiseCache(method, 72 / 128, n_layers=1, n_kv_heads=2, head_dim=d,
                           geometry={"n_layers": 1, "n_kv_heads": 2, "head_dim": d})
     cache.model_config = None
-    u, v = torch.zeros(d), torch.zeros(d)
-    u[0], v[1] = 1.0, 1.0
-    gen = torch.Generator().manual_seed(0)
-    keys = 0.01 * torch.randn((1, 2, length, d), generator=gen)
-    keys[:, :, 10:14] += 8 * u
-    keys[:, :, 40:44] += 8 * v
-    values = torch.randn((1, 2, length, d), generator=gen)
-    module = types.SimpleNamespace(num_key_value_groups=1, is_causal=True, training=False)
+    module, keys, values, u, v = two_hot_regions(2, d, length)
     return cache, module, keys, values, u, v
 
-
-def _step(cache, module, keys, values, query_dir):
-    layer = cache.layers[0]
-    q = keys.shape[2]
-    query = (8 * query_dir).expand(1, 2, q, -1).contiguous()
-    pending, _ = layer.update(keys, values)
-    headwise_attention(module, query, pending, pending, None, scaling=1.0)
 
 
 def test_constructed_drift_triggers_and_refreshes_region_b():
     cache, module, keys, values, u, v = _drift_setup()
-    _step(cache, module, keys, values, u)  # prefill: attention on region A
+    attend(cache, module, keys, values, u)  # prefill: attention on region A
     _, _, positions, lengths = cache.layers[0].padded()
     assert lengths.tolist() == [[64, 8]]
     assert set(positions[0, 1, :8].tolist()) <= set(range(7, 17)) | {63}  # max-pool kernel 7 around 10..13
     new_k, new_v = torch.zeros((1, 2, 1, 8)), torch.zeros((1, 2, 1, 8))
-    _step(cache, module, new_k, new_v, u)  # step 1: still region A
+    attend(cache, module, new_k, new_v, u)  # step 1: still region A
     assert cache.stats()["retrieval_triggers"] == 0 and cache.stats()["retrieval_checks"] == 1
-    _step(cache, module, new_k, new_v, v)  # step 2: attention moves to region B -> trigger
+    attend(cache, module, new_k, new_v, v)  # step 2: attention moves to region B -> trigger
     assert cache.stats()["retrieval_triggers"] == 1
     _, _, positions, _ = cache.layers[0].padded()
     assert set(positions[0, 1, :8].tolist()) <= set(range(7, 17)) | {63}  # max-pool kernel 7 around 10..13  # applied only at the next step
-    _step(cache, module, new_k, new_v, v)  # step 3: the refreshed set is swapped in first
+    attend(cache, module, new_k, new_v, v)  # step 3: the refreshed set is swapped in first
     _, _, positions, lengths = cache.layers[0].padded()
     kept = positions[0, 1, :8].tolist()
     assert set(range(40, 44)) <= set(kept) and set(kept) <= set(range(38, 46)) | {63}
@@ -165,7 +149,7 @@ def test_disk_tier_round_trip_and_cleanup(tmp_path):
 
 def test_disk_offload_in_cache_files_removed_on_reset(tmp_path):
     cache, module, keys, values, u, v = _drift_setup(offload="disk", offload_dir=str(tmp_path))
-    _step(cache, module, keys, values, u)
+    attend(cache, module, keys, values, u)
     assert len(list(tmp_path.glob("*.safetensors"))) == 1
     assert cache.stats()["disk_bytes"] > 0 and cache.stats()["host_bytes"] == 0
     cache.reset()

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import math
-import types
 
 import pytest
 import torch
-from conftest import left_padded_batch, tiny_model
+from conftest import attend, left_padded_batch, tiny_model, two_hot_regions
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import heterocache as hc
 from heterocache.budget import total_budget
 from heterocache.cache import HeadwiseCache
-from heterocache.hf import cache_kwargs, headwise_attention
+from heterocache.hf import cache_kwargs
 from heterocache.methods.heterocache import HeteroCache
 from heterocache.methods.heterocache.dynamic import page_means, summary_tokens
 from heterocache.methods.heterocache.expected import expected_attention
@@ -101,31 +100,18 @@ def _dynamic_setup(**options):
                          **options)
     cache = HeadwiseCache(method, 24 / 64, n_layers=1, n_kv_heads=1, head_dim=d,
                           geometry={"n_layers": 1, "n_kv_heads": 1, "head_dim": d})
-    u, v = torch.zeros(d), torch.zeros(d)
-    u[0], v[1] = 1.0, 1.0
-    gen = torch.Generator().manual_seed(0)
-    keys = 0.01 * torch.randn((1, 1, length, d), generator=gen)
-    keys[:, :, 10:14] += 8 * u
-    keys[:, :, 40:44] += 8 * v
-    values = torch.randn((1, 1, length, d), generator=gen)
-    module = types.SimpleNamespace(num_key_value_groups=1, is_causal=True, training=False)
+    module, keys, values, u, v = two_hot_regions(1, d, length)
     return cache, module, keys, values, u, v
 
-
-def _step(cache, module, keys, values, query_dir):
-    layer = cache.layers[0]
-    query = (8 * query_dir).expand(1, 1, keys.shape[2], -1).contiguous()
-    pending, _ = layer.update(keys, values)
-    headwise_attention(module, query, pending, pending, None, scaling=1.0)
 
 
 def test_dynamic_slots_follow_the_query_and_are_fetched_exactly():
     cache, module, keys, values, u, v = _dynamic_setup()
-    _step(cache, module, keys, values, u)  # prefill: 24 tokens - 8 for 16 fp32 page means = 8 static + 8 dynamic
+    attend(cache, module, keys, values, u)  # prefill: 24 tokens - 8 for 16 fp32 page means = 8 static + 8 dynamic
     _, _, positions, lengths = cache.layers[0].padded()
     assert lengths.tolist() == [[16]]
     new_k, new_v = torch.zeros((1, 1, 1, 8)), torch.zeros((1, 1, 1, 8))
-    _step(cache, module, new_k, new_v, v)  # the first decode query looks at region B
+    attend(cache, module, new_k, new_v, v)  # the first decode query looks at region B
     stored_k, stored_v, positions, lengths = cache.layers[0].padded()
     held = positions[0, 0, : lengths[0, 0]].tolist()
     assert set(range(40, 44)) <= set(held)  # the dynamic slots now hold region B, fetched before attention
@@ -137,7 +123,7 @@ def test_dynamic_slots_follow_the_query_and_are_fetched_exactly():
     # the host tier holds the head's 56 selectable prompt tokens (64 - 8 static) as 14 pages of 4
     assert stats["host_bytes"] == 2 * 56 * 8 * 4
     assert stats["summary_bytes"] == 14 * 8 * 4 and stats["device_bytes"] >= stats["summary_bytes"]
-    _step(cache, module, new_k, new_v, u)  # back to region A: swapped again
+    attend(cache, module, new_k, new_v, u)  # back to region A: swapped again
     _, _, positions, lengths = cache.layers[0].padded()
     assert set(range(10, 14)) <= set(positions[0, 0, : lengths[0, 0]].tolist())
 

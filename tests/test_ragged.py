@@ -11,6 +11,18 @@ from heterocache.cache import HeadwiseCache
 from heterocache.methods.full import Full
 
 
+def _append_both(layer, lk, lv, q: int, gen: torch.Generator) -> None:
+    """Append ``q`` random tokens to every sequence of ``layer`` and to the reference lists ``lk/lv``."""
+    b, h, d = layer.batch, layer.n_kv_heads, layer.head_dim
+    new_k = torch.randn((b, h, q, d), generator=gen)
+    new_v = torch.randn((b, h, q, d), generator=gen)
+    layer.append(new_k, new_v)
+    for r in range(b):
+        for hh in range(h):
+            lk[r][hh] = torch.cat([lk[r][hh], new_k[r, hh]])
+            lv[r][hh] = torch.cat([lv[r][hh], new_v[r, hh]])
+
+
 def _layer_with(lengths, d=8, seed=0, max_buckets=4):
     """A HeadwiseLayer whose (b, h) sequence keeps ``lengths[b][h]`` random tokens."""
     gen = torch.Generator().manual_seed(seed)
@@ -41,13 +53,7 @@ def test_bucketed_matches_reference(group, q):
     lengths = [[1, 37, 5], [0, 64, 12]]  # includes a length-1 head and an empty head
     layer, lk, lv = _layer_with(lengths)
     b, h, d = 2, 3, 8
-    new_k = torch.randn((b, h, q, d), generator=gen)
-    new_v = torch.randn((b, h, q, d), generator=gen)
-    layer.append(new_k, new_v)
-    for r in range(b):
-        for hh in range(h):
-            lk[r][hh] = torch.cat([lk[r][hh], new_k[r, hh]])
-            lv[r][hh] = torch.cat([lv[r][hh], new_v[r, hh]])
+    _append_both(layer, lk, lv, q, gen)
     query = torch.randn((b, h * group, q, d), generator=gen)
     fast = decode_attention(query, layer.buckets, layer.n_kv_heads, d ** -0.5)
     ref = ragged_attention_reference(query, lk, lv, d ** -0.5, causal_new=q)
@@ -176,13 +182,9 @@ def test_many_decode_steps_match_reference_and_eager_positions():
     expected_positions = [[start_positions[r, hh][start_positions[r, hh] >= 0].tolist() for hh in range(h)]
                           for r in range(b)]
     for q in [1] * 40 + [3] + [1] * 30:
-        new_k = torch.randn((b, h, q, d), generator=gen)
-        new_v = torch.randn((b, h, q, d), generator=gen)
-        layer.append(new_k, new_v)
+        _append_both(layer, lk, lv, q, gen)
         for r in range(b):
             for hh in range(h):
-                lk[r][hh] = torch.cat([lk[r][hh], new_k[r, hh]])
-                lv[r][hh] = torch.cat([lv[r][hh], new_v[r, hh]])
                 expected_positions[r][hh] += list(range(layer.seen, layer.seen + q))
         layer.seen += q
         for bucket in layer.buckets:
