@@ -45,11 +45,11 @@ def main() -> None:
     from transformers import DynamicCache
 
     import heterocache as hc
-    from heterocache.eval.fidelity import ESSAY_SEPARATOR, score_window, teacher_forced_logits, window_offsets
-    from heterocache.eval.tasks.essays import essay_text
+    from heterocache.eval.fidelity import score_window, teacher_forced_logits, window_offsets
+    from heterocache.eval.tasks.essays import PEERS_SEPARATOR, essay_text
 
     model, tok = hc.load_model()
-    ids = tok(essay_text(None, ESSAY_SEPARATOR), add_special_tokens=False, verbose=False)["input_ids"]
+    ids = tok(essay_text(None, PEERS_SEPARATOR), add_special_tokens=False, verbose=False)["input_ids"]
     offsets = window_offsets(len(ids), 3000, 64, 3, 1234)
     refs = Path(args.refs)
     refs.mkdir(parents=True, exist_ok=True)

