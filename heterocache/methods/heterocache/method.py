@@ -188,14 +188,12 @@ class HeteroCache(Method):
             raise ValueError(f"profile must be a HeadProfile or a JSON path, got {type(self.profile).__name__}")
         check_range("dynamic_share", self.dynamic_share, 0, 1)
         check_choice("index", self.index, ("auto", "pages", "sketch"))
-        if self.page != "auto":
-            if isinstance(self.page, bool) or not isinstance(self.page, int):
-                raise ValueError(f"page={self.page!r} must be 'auto' or an integer >= 1")
-            check_range("page", self.page, 1)
-        if self.rank != "auto":
-            if isinstance(self.rank, bool) or not isinstance(self.rank, int):
-                raise ValueError(f"rank={self.rank!r} must be 'auto' or an integer >= 1")
-            check_range("rank", self.rank, 1)
+        for name in ("page", "rank"):
+            value = getattr(self, name)
+            if value != "auto":
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ValueError(f"{name}={value!r} must be 'auto' or an integer >= 1")
+                check_range(name, value, 1)
         check_choice("summary_dtype", self.summary_dtype, SUMMARY_DTYPES)
         check_range("stick", self.stick, 0)
         if self.scorer is not None:
