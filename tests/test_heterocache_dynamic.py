@@ -176,7 +176,8 @@ def test_full_rank_sketch_selects_the_exact_top_pages():
     base = torch.zeros(n, pages)
     base[:, 0] = float("-inf")  # a padding page
     slots = LayerSlots(seq=[0, 1], resident=torch.zeros(n, pages, dtype=torch.bool), counts=torch.full((n,), width),
-                       width=width, summaries=sketch.transpose(1, 2).contiguous(), basis=basis * 0.3, scaling=0.3,
+                       width=width, summaries=sketch.view(n, pages, page, d).transpose(1, 2).reshape(n, -1, d)
+                       .transpose(1, 2).contiguous(), basis=basis * 0.3, scaling=0.3,  # unit-major columns
                        base=base, length=pages * page, unit=page,
                        page_positions=torch.arange(pages * page).view(1, pages, page).expand(n, -1, -1))
     chosen = choose(slots, queries, 0.0)

@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from heterocache.methods.heterocache.tiers import Tier, make_tier
+from heterocache import native
+from heterocache.methods.heterocache.tiers import MemoryTier, Tier, make_tier
 from heterocache.methods.scoring import topk_mask
 
 
@@ -40,6 +41,7 @@ class DynamicSettings:
     summary_dtype: torch.dtype  # storage dtype of the index
     offload: str  # slow tier of the full prompt K/V ("host", "disk", "none")
     offload_dir: Any
+    refill: str = "auto"  # block-layout refill on the CPU: "auto" / "native" (heterocache.native) / "torch"
 
 
 @dataclass
@@ -67,7 +69,8 @@ class LayerSlots:
     resident: torch.Tensor  # (n, U) bool: the units now in the dynamic slots
     counts: torch.Tensor  # (n,) units held per sequence
     width: int  # max(counts)
-    summaries: torch.Tensor  # pages: (n, D, P) mean keys; sketch: (n, r, P * unit) projected paged keys
+    summaries: torch.Tensor  # pages: (n, D, P) mean keys; sketch: (n, r, unit * P) projected paged keys, column
+    # g * P + p = token g of page p (a page's best token is then a max over ``unit`` contiguous rows of P)
     basis: torch.Tensor | None  # sketch: (n, D, r) fp32 top right singular vectors of the keys x scaling
     scaling: float
     base: torch.Tensor  # (n, P) fp32 added to the page scores: 0, or -inf on padding pages
@@ -82,6 +85,7 @@ class LayerSlots:
     uniform: bool = True  # every sequence has ``width`` units
     blocks: bool = False  # unit slot k of a sequence = storage slots [k * unit, (k + 1) * unit) (``_layout``)
     current: torch.Tensor | None = None  # blocks: (n, width) the unit in each unit slot
+    native: bool = False  # blocks: refilled by the fused C routine (``_refill_native``)
 
     def __post_init__(self) -> None:
         self.uniform = bool((self.counts == self.width).all())
@@ -139,9 +143,9 @@ def unit_scores(slots: LayerSlots, queries: torch.Tensor, stick: float) -> torch
         projected = torch.bmm(queries.float(), slots.basis)  # (n, R, r); the basis carries ``scaling``
         if slots.channel_scale is not None:
             projected = projected * slots.channel_scale
-        bound = torch.bmm(projected, slots.summaries.float())  # (n, R, P * unit)
+        bound = torch.bmm(projected, slots.summaries.float())  # (n, R, unit * P)
         if slots.unit > 1:
-            bound = bound.view(*bound.shape[:2], -1, slots.unit).amax(-1)
+            bound = bound.view(*bound.shape[:2], slots.unit, -1).amax(2)
         bound = bound + slots.base[:, None]
     else:
         q = queries.float() if slots.channel_scale is None else queries.float() * slots.channel_scale
@@ -242,7 +246,8 @@ class DynamicRetrieval:
         basis = None
         if self.settings.index == "sketch":  # every paged key on the head's top singular vectors
             _, basis = key_sketch(keys, valid, self.settings.rank)
-            summaries, scale = self._store_summaries(paged_keys.float() @ basis)
+            projected = (paged_keys.float() @ basis).view(n, pages, page, -1).transpose(1, 2)
+            summaries, scale = self._store_summaries(projected.reshape(n, page * pages, -1))
             self.summary_bytes += basis.numel() * basis.element_size()
             basis = basis * ctx.scaling  # one multiply less per step
         else:
@@ -297,6 +302,7 @@ class DynamicRetrieval:
         slots.seq_ids = torch.tensor(slots.seq, device=layer.device)
         slots.version = layer.version
         slots.blocks = self.allow_blocks and self._layout(layer, slots, found)
+        slots.native = slots.blocks and self._native_applies(layer, slots)
 
     def _layout(self, layer, slots: LayerSlots, found: list[torch.Tensor]) -> bool:
         """Block layout, when the layer is one plain bucket of every sequence with ``width`` units each:
@@ -346,13 +352,72 @@ class DynamicRetrieval:
         grouped = queries.reshape(b * n_kv, (hq // n_kv) * q, d)
         if not slots.every_row:
             grouped = grouped[slots.seq_ids]
-        chosen = choose(slots, grouped, self.settings.stick)
-        if slots.blocks:
-            self._swap_blocks(layer, slots, chosen)
+        if slots.native and self._refill_native(layer, slots, grouped):
+            pass
+        elif slots.blocks:
+            self._swap_blocks(layer, slots, choose(slots, grouped, self.settings.stick))
         else:
-            self._swap(layer, slots, chosen)
+            self._swap(layer, slots, choose(slots, grouped, self.settings.stick))
         self.counters.refreshes += 1
         self.counters.select_s += time.perf_counter() - start
+
+    def _native_applies(self, layer, slots: LayerSlots) -> bool:
+        """The fused C refill (``heterocache.native``) can serve this block layout: a CPU cache whose
+        tier is the same memory and dtype, an int8 or fp32 index; ``refill="native"`` raises otherwise."""
+        mode = self.settings.refill
+        if mode == "torch":
+            return False
+        why = None
+        bucket = layer.buckets[0]
+        stored = self.tier.blocks(layer.layer_idx, slots.unit) if isinstance(self.tier, MemoryTier) else None
+        mine = (slots.summaries, slots.base, slots.current, slots.page_positions, slots.basis, slots.channel_scale)
+        if layer.device.type != "cpu":
+            why = f"the cache is on {layer.device}, the native refill runs on the CPU only"
+        elif stored is None or not self.tier.shares_memory_with(layer.device):
+            why = f"the {self.tier.name} tier is not host memory the refill can read in place"
+        elif stored[0].dtype != bucket.keys.dtype:
+            why = f"the tier holds {stored[0].dtype}, the cache {bucket.keys.dtype}"
+        elif not all(t is None or t.is_contiguous() for t in mine):
+            why = "the index tensors are not contiguous"
+        elif slots.summaries.dtype not in (torch.int8, torch.float32):
+            why = f"the native refill reads int8 or float32 indexes, not {slots.summaries.dtype}"
+        elif native.refill_library() is None:
+            why = native.unavailable_reason()
+        if why is None:
+            slots.resident = slots.resident.contiguous()
+            return True
+        if mode == "native":
+            raise ValueError(f"refill='native' cannot be used here: {why}; use refill='auto' or 'torch'")
+        return False
+
+    def _refill_native(self, layer, slots: LayerSlots, grouped: torch.Tensor) -> bool:
+        """``choose`` + ``_swap_blocks`` in one C call (``heterocache/native/refill.c``); False (nothing
+        done) when the bucket's storage is no longer in a form it reads."""
+        bucket = layer.buckets[0]
+        if bucket.positions.dtype != torch.int32 or not bucket.positions.is_contiguous():
+            return False
+        keys, values = self.tier.blocks(layer.layer_idx, slots.unit)
+        queries = grouped.float().contiguous()
+        n, rows, dim = queries.shape
+        summaries = slots.summaries
+        sketch = slots.basis is not None
+        unit_bytes = keys.shape[1] * keys.element_size()
+        moved = native.refill_library().hc_refill_blocks(
+            n, rows, dim, summaries.shape[1], slots.base.shape[1], slots.unit if sketch else 1,
+            queries.data_ptr(), slots.basis.data_ptr() if sketch else None,
+            None if slots.channel_scale is None else slots.channel_scale.data_ptr(),
+            1.0 if sketch else slots.scaling,
+            summaries.data_ptr(), int(summaries.dtype == torch.int8), slots.base.data_ptr(), self.settings.stick,
+            slots.resident.data_ptr(), slots.width, slots.current.data_ptr(),
+            keys.data_ptr(), values.data_ptr(), bucket.keys.data_ptr(), bucket.values.data_ptr(),
+            unit_bytes, bucket.keys.shape[1] // slots.unit,
+            slots.page_positions.data_ptr(), bucket.positions.data_ptr(), slots.unit)
+        if moved < 0:
+            raise RuntimeError(f"layer {layer.layer_idx}: native refill failed ({moved}): the dynamic slots "
+                               "no longer pair up with the resident pages")
+        self.counters.bytes += 2 * moved * unit_bytes
+        self.counters.tokens += moved * slots.unit
+        return True
 
     def _fetch(self, layer, slots: LayerSlots, rows: torch.Tensor, units: torch.Tensor, flat: torch.Tensor):
         """Keys, values ``(m, unit * D)`` on the cache's device of units ``units`` of rows ``rows (m,)``

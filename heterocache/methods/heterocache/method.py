@@ -65,7 +65,8 @@ def layer_uniform(total: int, n_layers: int, n_heads: int) -> list[list[int]]:
 
 
 PAGE_SIZES = (4, 8, 16, 32, 64)  # page="auto" candidates (index="pages")
-SKETCH_RANKS = (16, 8, 4)  # rank="auto" candidates
+SKETCH_RANKS = (16, 8, 4)
+REFILLS = ("auto", "native", "torch")  # rank="auto" candidates
 
 
 @dataclass
@@ -102,6 +103,11 @@ class HeteroCache(Method):
     stick : float
         Dynamic mode: score bonus of tokens already resident (0: none); larger values move fewer
         bytes per step at a small loss of fidelity.
+    refill : str
+        Dynamic mode, CPU: how a layer's dynamic slots are refilled in the block layout. ``"auto"``
+        (default): the fused C routine of ``heterocache/native`` (compiled on first use) where it
+        applies, else PyTorch ops; ``"native"``: the same, an error where it cannot be used (no C
+        compiler, a non-CPU device); ``"torch"``: always the PyTorch ops (its reference).
     scorer : str | None
         Static prefill scores of compressed heads: ``"expected"`` (expected attention of future
         queries x value norm; needs RoPE; default in dynamic mode) or ``"votes"`` (SnapKV window
@@ -154,6 +160,7 @@ class HeteroCache(Method):
     rank: Any = "auto"
     summary_dtype: str = "int8"
     stick: float = 0.0
+    refill: str = "auto"
     scorer: Any = None
     expected_window: int = 64
     expected_future: int = 512
@@ -196,6 +203,7 @@ class HeteroCache(Method):
                 check_range(name, value, 1)
         check_choice("summary_dtype", self.summary_dtype, SUMMARY_DTYPES)
         check_range("stick", self.stick, 0)
+        check_choice("refill", self.refill, REFILLS)
         if self.scorer is not None:
             check_choice("scorer", self.scorer, ("expected", "votes"))
         check_range("expected_window", self.expected_window, 1)
@@ -271,7 +279,7 @@ class HeteroCache(Method):
                                                             self.resolved_rank(cache.keep),
                                                             self.stick,
                                                             getattr(torch, self.summary_dtype), self.offload,
-                                                            self.offload_dir))
+                                                            self.offload_dir, self.refill))
         elif self.retrieval != "off":
             settings = Settings(self.steps, self.topk, self.drift_threshold, self.retrieval, self.offload,
                                 self.offload_dir, self.sinks, self.window, self.recent_fraction)

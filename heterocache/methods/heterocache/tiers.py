@@ -78,6 +78,12 @@ class MemoryTier(Tier):
         reading them costs a local copy, no transfer."""
         return self.device == torch.device(device) and not self.pin
 
+    def blocks(self, layer: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys, values of ``layer`` viewed as ``(n * T / group, group * D)`` blocks (no copy)."""
+        keys, values = self.layers[layer]
+        n, length, dim = keys.shape
+        return keys.view(n * length // group, group * dim), values.view(n * length // group, group * dim)
+
     def take(self, layer: int, flat: torch.Tensor, keys_out: torch.Tensor, values_out: torch.Tensor,
              group: int = 1) -> None:
         """Copy blocks of ``group`` consecutive entries of ``layer``, numbered ``row * T / group + block``

@@ -1,0 +1,122 @@
+"""The fused C refill (heterocache/native/refill.c) against its PyTorch reference (``choose`` +
+``DynamicRetrieval._swap_blocks``): same pages held, same bytes moved, same logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import heterocache as hc
+from heterocache import native
+from heterocache.hf import cache_kwargs
+
+
+def test_the_native_library_builds_here():
+    """CI machines have a C compiler: the fast path must be available there, not silently absent."""
+    assert native.refill_library() is not None, native.unavailable_reason()
+
+
+def _decode(model, ids, steps: int, **options):
+    cache = hc.make_cache(model, "heterocache", 0.25, window=8, sinks=2, **options)
+    rows = []
+    with torch.no_grad():
+        out = model(ids, **cache_kwargs(cache, model))
+        for _ in range(steps):  # past the prefill headroom: the buckets grow, unit-aligned
+            token = out.logits[:, -1:].argmax(-1)
+            out = model(token, **cache_kwargs(cache, model))
+            rows.append(out.logits[:, -1])
+    runtime = cache.method.runtime
+    held = [sorted(layer.padded()[2][b, h, : layer.padded()[3][b, h]].tolist()) for layer in cache.layers
+            for b in range(ids.shape[0]) for h in range(layer.n_kv_heads)]
+    stats = cache.stats()
+    return torch.cat(rows), held, runtime, stats
+
+
+@pytest.mark.parametrize("index,summary_dtype,batch", [
+    ("sketch", "int8", 1), ("sketch", "float32", 1), ("pages", "int8", 1), ("pages", "float32", 1), ("sketch", "int8", 2)])
+def test_native_refill_matches_the_torch_blocks(index, summary_dtype, batch):
+    """``stick`` stays 0 here: with a bonus, pages tie exactly at the bonus (each query row's best page
+    scores 0) and tied pages are chosen differently (C: lower page first; ``torch.topk``: unspecified)."""
+    model = tiny_model("llama", layers=2, heads=6, kv_heads=2)  # 3 query rows per KV head
+    ids = torch.randint(0, 128, (batch, 300), generator=torch.Generator().manual_seed(3))
+    options = {"index": index, "rank": 3, "page": 4, "summary_dtype": summary_dtype}
+    fast = _decode(model, ids, 24, refill="native", **options)
+    slow = _decode(model, ids, 24, refill="torch", **options)
+    uniform = [layer for layer, slots in fast[2].layers.items() if slots.uniform]
+    assert uniform, "no layer in the block layout: the test compares nothing"
+    assert all(fast[2].layers[i].native and fast[2].layers[i].blocks for i in uniform)
+    assert not any(slots.native for slots in slow[2].layers.values())
+    torch.testing.assert_close(fast[0], slow[0], rtol=1e-5, atol=1e-5)
+    assert fast[1] == slow[1]  # the same prompt positions held by every head
+    for name in ("retrieval_tokens", "retrieval_bytes", "retrieval_refreshes"):
+        assert fast[3][name] == slow[3][name], name
+    assert fast[3]["retrieval_tokens"] > 0  # pages did move
+
+
+def test_native_refill_holds_the_top_pages_of_a_constructed_query():
+    """Rank = D sketch (exact scores), one query that points at three known pages: after one refill
+    the dynamic slots hold exactly those pages, copied bit-exact from the tier."""
+    from heterocache.methods.heterocache.dynamic import LayerSlots, choose, key_sketch
+
+    gen = torch.Generator().manual_seed(1)
+    n, pages, page, d, width = 2, 12, 4, 8, 3
+    keys = torch.randn(n, pages * page, d, generator=gen) * 0.1
+    queries = torch.zeros(n, 1, d)
+    queries[:, 0, 0] = 10.0
+    targets = [[2, 7, 11], [0, 5, 9]]
+    for row, wanted in enumerate(targets):
+        for p in wanted:
+            keys[row, p * page + 1, 0] = 3.0 + p  # one token per target page stands out
+    sketch, basis = key_sketch(keys, torch.ones(n, pages * page, dtype=torch.bool), d)
+    summaries = sketch.view(n, pages, page, d).transpose(1, 2).reshape(n, -1, d).transpose(1, 2).contiguous()
+    values = torch.randn(n, pages * page, d, generator=gen)
+    resident = torch.zeros(n, pages, dtype=torch.bool)
+    resident[:, 3:6] = True  # pages 3, 4, 5 are in the unit slots now
+    current = torch.tensor([[3, 4, 5], [3, 4, 5]])
+    capacity = width * page + 4
+    bucket_keys = torch.zeros(n, capacity, d)
+    bucket_values = torch.zeros(n, capacity, d)
+    bucket_positions = torch.full((n, capacity), -1, dtype=torch.int32)
+    positions = torch.arange(pages * page).view(1, pages, page).expand(n, -1, -1).contiguous()
+    for slot, p in enumerate(current[0].tolist()):  # the bucket holds the resident pages
+        bucket_keys[:, slot * page:(slot + 1) * page] = keys[:, p * page:(p + 1) * page]
+        bucket_values[:, slot * page:(slot + 1) * page] = values[:, p * page:(p + 1) * page]
+        bucket_positions[:, slot * page:(slot + 1) * page] = torch.arange(p * page, (p + 1) * page)
+
+    def slots():
+        return LayerSlots(seq=[0, 1], resident=resident.clone(), counts=torch.full((n,), width), width=width,
+                          summaries=summaries, basis=basis.contiguous(), scaling=1.0, base=torch.zeros(n, pages),
+                          length=pages * page, unit=page, page_positions=positions, current=current.clone())
+
+    reference = slots()
+    assert [sorted(r) for r in choose(reference, queries, 0.0).tolist()] == targets
+    fast = slots()
+    moved = native.refill_library().hc_refill_blocks(
+        n, 1, d, d, pages, page, queries.data_ptr(), fast.basis.data_ptr(), None, 1.0, summaries.data_ptr(), 0,
+        fast.base.data_ptr(), 0.0, fast.resident.data_ptr(), width, fast.current.data_ptr(),
+        keys.data_ptr(), values.data_ptr(), bucket_keys.data_ptr(), bucket_values.data_ptr(), page * d * 4,
+        capacity // page, positions.data_ptr(), bucket_positions.data_ptr(), page)
+    assert moved == 2 * width - 1  # page 5 of row 1 was resident already: it stays in its slot
+    assert fast.current[1, 2] == 5
+    for row, wanted in enumerate(targets):
+        assert sorted(fast.current[row].tolist()) == wanted
+        assert torch.nonzero(fast.resident[row]).flatten().tolist() == wanted
+        for slot, p in enumerate(fast.current[row].tolist()):
+            block = slice(slot * page, (slot + 1) * page)
+            assert torch.equal(bucket_keys[row, block], keys[row, p * page:(p + 1) * page])
+            assert torch.equal(bucket_values[row, block], values[row, p * page:(p + 1) * page])
+            assert bucket_positions[row, block].tolist() == list(range(p * page, (p + 1) * page))
+    assert bool((bucket_positions[:, width * page:] == -1).all())  # nothing written past the unit slots
+
+
+def test_refill_native_says_why_it_cannot_run():
+    model = tiny_model("llama", layers=2, heads=4, kv_heads=2)
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="refill='native' cannot be used here: the disk tier"):
+        _decode(model, ids, 2, refill="native", offload="disk")
+    with pytest.raises(ValueError, match="reads int8 or float32 indexes, not torch.bfloat16"):
+        _decode(model, ids, 2, refill="native", summary_dtype="bfloat16")
+    with pytest.raises(ValueError, match="refill='fast'"):
+        hc.make_cache(model, "heterocache", 0.25, refill="fast")
+    _decode(model, ids, 2, refill="auto", offload="disk")  # auto: the PyTorch path instead
