@@ -158,7 +158,8 @@ def test_dynamic_budget_pays_for_the_summaries_and_keep_one_is_exact():
 
 @pytest.mark.parametrize("option,value,match", [("dynamic_share", 1.5, "dynamic_share=1.5"), ("page", 0, "page=0"),
                                                 ("summary_dtype", "float8", "summary_dtype='float8'"),
-                                                ("scorer", "oracle", "scorer='oracle'"), ("stick", -1.0, "stick=-1.0")])
+                                                ("scorer", "oracle", "scorer='oracle'"), ("stick", -1.0, "stick=-1.0"),
+                                                ("stick", "high", "stick='high' must be 'auto'"), ("refill", "fast", "refill='fast'")])
 def test_dynamic_options_are_validated(option, value, match):
     with pytest.raises(ValueError, match=match):
         hc.make_cache(tiny_model(), "heterocache", 0.5, **{option: value})
@@ -290,3 +291,19 @@ def test_every_tier_serves_the_same_pages(tmp_path):
         logits[offload] = torch.cat(rows)
         cache.close()
     assert torch.equal(logits["host"], logits["disk"]) and torch.equal(logits["host"], logits["none"])
+
+
+def test_stick_auto_follows_the_index():
+    """``stick="auto"``: the resident-page bonus with the sketch index, none with page means."""
+    from heterocache.methods.heterocache.method import STICK_SKETCH
+
+    method = HeteroCache()
+    method.head_dim, method.kv_bytes = 64, 4  # the embedded model's geometry: sketch at keep >= 0.19
+    assert method.resolved_index(0.25) == "sketch" and method.resolved_stick(0.25) == STICK_SKETCH
+    assert method.resolved_index(0.1) == "pages" and method.resolved_stick(0.1) == 0.0
+    assert HeteroCache(stick=0.0).resolved_stick(0.25) == 0.0
+    model = tiny_model("llama", layers=2, heads=4, kv_heads=2)
+    cache = hc.make_cache(model, "heterocache", 0.5, index="sketch", rank=2)
+    with torch.no_grad():
+        model(torch.randint(0, 128, (1, 120)), **cache_kwargs(cache, model))
+    assert cache.method.runtime.settings.stick == STICK_SKETCH

@@ -133,3 +133,12 @@ def test_runner_writes_one_line_per_sample_with_every_turn(tok, text_dir, tmp_pa
     for line in lines:
         assert [t["gold"] for t in line["turns"]] == [samples[0].gold, samples[0].extra["turns"][0]["gold"]]
         assert line["score"] == sum(t["score"] for t in line["turns"]) / 2
+    # the run's summary covers sequential lines too (they have no single prefill time)
+    from heterocache.eval.report import summarize
+
+    rows = {row["method"]: row for row in summarize(tmp_path)["tasks"]}
+    assert sorted(rows) == ["full", "snapkv"]
+    for method, row in rows.items():
+        mine = [line for line in lines if line["method"] == method]
+        assert row["n"] == 1 and row["prefill_s"] is None
+        assert row["score"] == round(100 * mine[0]["score"], 2)

@@ -39,12 +39,13 @@ def summarize(run_dir: str | Path) -> dict:
     tasks = []
     for (suite, task, method, keep, mode, model), lines in sorted(groups.items()):
         speeds = [x["tokens_per_s"] for x in lines if x.get("tokens_per_s")]
+        prefills = [x["prefill_s"] for x in lines if x.get("prefill_s") is not None]  # sequential lines: none
         tasks.append({
             "suite": suite, "task": task, "method": method, "keep": keep, "question_mode": mode, "model": model,
             "n": len(lines), "score": round(100 * mean(x["score"] for x in lines), 2),
             "keep_measured": round(mean(x["keep_fraction"] for x in lines), 4),
             "tokens_per_s": round(mean(speeds), 2) if speeds else None,
-            "prefill_s": round(mean(x["prefill_s"] for x in lines), 3),
+            "prefill_s": round(mean(prefills), 3) if prefills else None,
             **_memory([x.get("cache", {}) for x in lines]),
         })
     fid_groups: dict[tuple, list[dict]] = defaultdict(list)

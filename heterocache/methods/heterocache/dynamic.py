@@ -52,6 +52,7 @@ class DynamicCounters:
     tokens: int = 0  # tokens fetched that were not resident
     bytes: int = 0  # bytes of keys + values of those tokens
     select_s: float = 0.0  # time spent choosing + fetching + writing (on the decode critical path)
+    layout_s: float = 0.0  # mapping the slots after each store (once per prefill, at the first decode step)
 
     def as_stats(self) -> dict[str, float]:
         return {f"retrieval_{f.name}": getattr(self, f.name) for f in fields(self)}
@@ -86,6 +87,7 @@ class LayerSlots:
     blocks: bool = False  # unit slot k of a sequence = storage slots [k * unit, (k + 1) * unit) (``_layout``)
     current: torch.Tensor | None = None  # blocks: (n, width) the unit in each unit slot
     native: bool = False  # blocks: refilled by the fused C routine (``_refill_native``)
+    native_args: tuple = ()  # its arguments that stay fixed between stores (``_native_applies``)
 
     def __post_init__(self) -> None:
         self.uniform = bool((self.counts == self.width).all())
@@ -340,13 +342,16 @@ class DynamicRetrieval:
 
     def before_attention(self, layer, queries: torch.Tensor) -> None:
         """Refill ``layer``'s dynamic slots for this step's ``queries (B, Hq, q, D)``: unit by unit in
-        the block layout (``_swap_blocks``), else token by token (``_swap``)."""
+        the block layout (one C call, ``_refill_native``, or its PyTorch reference ``_swap_blocks``),
+        else token by token (``_swap``)."""
         slots = self.layers.get(layer.layer_idx)
         if slots is None or not slots.width:
             return
-        start = time.perf_counter()
         if slots.version != layer.version:
+            start = time.perf_counter()
             self._map_slots(layer, slots)
+            self.counters.layout_s += time.perf_counter() - start
+        start = time.perf_counter()
         b, hq, q, d = queries.shape
         n_kv = layer.n_kv_heads
         grouped = queries.reshape(b * n_kv, (hq // n_kv) * q, d)
@@ -355,6 +360,7 @@ class DynamicRetrieval:
         if slots.native and self._refill_native(layer, slots, grouped):
             pass
         elif slots.blocks:
+            slots.native = False  # the torch path replaces ``resident``: the C call's pointers are stale
             self._swap_blocks(layer, slots, choose(slots, grouped, self.settings.stick))
         else:
             self._swap(layer, slots, choose(slots, grouped, self.settings.stick))
@@ -385,6 +391,17 @@ class DynamicRetrieval:
             why = native.unavailable_reason()
         if why is None:
             slots.resident = slots.resident.contiguous()
+            sketch = slots.basis is not None
+            keys, values = stored
+            n, channels = slots.summaries.shape[:2]
+            slots.native_args = (  # pointers into tensors the slots keep alive (updated in place)
+                n, channels, slots.base.shape[1], slots.unit if sketch else 1,
+                slots.basis.data_ptr() if sketch else None,
+                None if slots.channel_scale is None else slots.channel_scale.data_ptr(),
+                1.0 if sketch else slots.scaling, slots.summaries.data_ptr(), int(slots.summaries.dtype == torch.int8),
+                slots.base.data_ptr(), self.settings.stick, slots.resident.data_ptr(), slots.width,
+                slots.current.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.shape[1] * keys.element_size(),
+                slots.page_positions.data_ptr(), slots.unit)
             return True
         if mode == "native":
             raise ValueError(f"refill='native' cannot be used here: {why}; use refill='auto' or 'torch'")
@@ -395,28 +412,23 @@ class DynamicRetrieval:
         done) when the bucket's storage is no longer in a form it reads."""
         bucket = layer.buckets[0]
         if bucket.positions.dtype != torch.int32 or not bucket.positions.is_contiguous():
+            if self.settings.refill == "native":
+                raise ValueError("refill='native' cannot be used here: the bucket positions are not contiguous "
+                                 "int32; use refill='auto' or 'torch'")
             return False
-        keys, values = self.tier.blocks(layer.layer_idx, slots.unit)
         queries = grouped.float().contiguous()
         n, rows, dim = queries.shape
-        summaries = slots.summaries
-        sketch = slots.basis is not None
-        unit_bytes = keys.shape[1] * keys.element_size()
+        (_, channels, pages, group, basis, scale, alpha, summaries, is_int8, base, stick, resident, width, current,
+         tier_keys, tier_values, unit_bytes, page_positions, unit) = slots.native_args
         moved = native.refill_library().hc_refill_blocks(
-            n, rows, dim, summaries.shape[1], slots.base.shape[1], slots.unit if sketch else 1,
-            queries.data_ptr(), slots.basis.data_ptr() if sketch else None,
-            None if slots.channel_scale is None else slots.channel_scale.data_ptr(),
-            1.0 if sketch else slots.scaling,
-            summaries.data_ptr(), int(summaries.dtype == torch.int8), slots.base.data_ptr(), self.settings.stick,
-            slots.resident.data_ptr(), slots.width, slots.current.data_ptr(),
-            keys.data_ptr(), values.data_ptr(), bucket.keys.data_ptr(), bucket.values.data_ptr(),
-            unit_bytes, bucket.keys.shape[1] // slots.unit,
-            slots.page_positions.data_ptr(), bucket.positions.data_ptr(), slots.unit)
+            n, rows, dim, channels, pages, group, queries.data_ptr(), basis, scale, alpha, summaries, is_int8, base,
+            stick, resident, width, current, tier_keys, tier_values, bucket.keys.data_ptr(), bucket.values.data_ptr(),
+            unit_bytes, bucket.keys.shape[1] // unit, page_positions, bucket.positions.data_ptr(), unit)
         if moved < 0:
             raise RuntimeError(f"layer {layer.layer_idx}: native refill failed ({moved}): the dynamic slots "
                                "no longer pair up with the resident pages")
         self.counters.bytes += 2 * moved * unit_bytes
-        self.counters.tokens += moved * slots.unit
+        self.counters.tokens += moved * unit
         return True
 
     def _fetch(self, layer, slots: LayerSlots, rows: torch.Tensor, units: torch.Tensor, flat: torch.Tensor):
