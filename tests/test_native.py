@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import left_padded_batch, tiny_model
 
 import heterocache as hc
 from heterocache import native
@@ -54,6 +56,44 @@ def test_native_refill_matches_the_torch_blocks(index, summary_dtype, batch):
     assert fast[3]["retrieval_tokens"] > 0  # pages did move
 
 
+@pytest.mark.parametrize("index,lengths", [("sketch", [300, 220, 140]), ("pages", [300, 220, 140]),
+                                           ("sketch", [600, 300, 120])])  # one ragged bucket / two buckets
+def test_native_refill_of_ragged_rows_matches_the_token_swap(index, lengths):
+    """Batch rows of different lengths (different budgets, several buckets): no block layout, so the
+    C refill works on unit slots it gives each row (``_row_layout``); the reference is the
+    token-by-token swap on the unmoved layout."""
+    model = tiny_model("llama", layers=2, heads=6, kv_heads=2)
+    ids, mask = left_padded_batch(lengths, seed=7)
+    out = {}
+    for refill in ("native", "torch"):
+        # keep 0.5: every row holds more pages than there are query rows (3); with fewer, the rows' best
+        # pages (each scoring exactly 0) tie at the cut, and torch.topk and the C selection break ties
+        # differently
+        cache = hc.make_cache(model, "heterocache", 0.5, window=8, sinks=2, index=index, rank=3, page=4,
+                              stick=0.0, refill=refill)
+        with torch.no_grad():
+            # token 0 is the padding id (also fed to rows that finished), whose embedding is zero: its
+            # queries score every page alike, so it must never come
+            generated = model.generate(ids, attention_mask=mask, **cache_kwargs(cache, model), max_new_tokens=20,
+                                       min_new_tokens=20, do_sample=False, output_logits=True,
+                                       return_dict_in_generate=True, suppress_tokens=[0])
+        runtime = cache.method.runtime
+        held = [sorted(layer.padded()[2][b, h, : layer.padded()[3][b, h]].tolist()) for layer in cache.layers
+                for b in range(3) for h in range(layer.n_kv_heads)]
+        out[refill] = (torch.stack(generated.logits), held, cache.stats(), runtime)
+    fast, slow = out["native"], out["torch"]
+    assert all(slots.native and not slots.blocks for slots in fast[3].layers.values())
+    assert len(cache.layers[0].buckets) == (2 if lengths[0] == 600 else 1)
+    assert not any(slots.native for slots in slow[3].layers.values())
+    counts = [int(c) for slots in fast[3].layers.values() for c in slots.counts]
+    assert len(set(counts)) > 1 and min(counts) > 3  # really ragged; no tie at the cut (see above)
+    torch.testing.assert_close(fast[0], slow[0], rtol=1e-5, atol=1e-5)
+    assert fast[1] == slow[1]
+    for name in ("retrieval_tokens", "retrieval_bytes", "retrieval_refreshes"):
+        assert fast[2][name] == slow[2][name], name
+    assert fast[2]["retrieval_tokens"] > 0
+
+
 def test_native_refill_holds_the_top_pages_of_a_constructed_query():
     """Rank = D sketch (exact scores), one query that points at three known pages: after one refill
     the dynamic slots hold exactly those pages, copied bit-exact from the tier."""
@@ -92,11 +132,15 @@ def test_native_refill_holds_the_top_pages_of_a_constructed_query():
     reference = slots()
     assert [sorted(r) for r in choose(reference, queries, 0.0).tolist()] == targets
     fast = slots()
-    moved = native.refill_library().hc_refill_blocks(
+    counts = torch.full((n,), width)
+    seq_bucket, seq_row = torch.zeros(n, dtype=torch.long), torch.arange(n)
+    buckets = (ctypes.c_int64 * 4)(bucket_keys.data_ptr(), bucket_values.data_ptr(), bucket_positions.data_ptr(),
+                                   capacity)
+    moved = native.refill_library().hc_refill(
         n, 1, d, d, pages, page, queries.data_ptr(), fast.basis.data_ptr(), None, 1.0, summaries.data_ptr(), 0,
-        fast.base.data_ptr(), 0.0, fast.resident.data_ptr(), width, fast.current.data_ptr(),
-        keys.data_ptr(), values.data_ptr(), bucket_keys.data_ptr(), bucket_values.data_ptr(), page * d * 4,
-        capacity // page, positions.data_ptr(), bucket_positions.data_ptr(), page)
+        fast.base.data_ptr(), 0.0, fast.resident.data_ptr(), width, counts.data_ptr(), fast.current.data_ptr(),
+        keys.data_ptr(), values.data_ptr(), d * 4, positions.data_ptr(), page, seq_bucket.data_ptr(),
+        seq_row.data_ptr(), buckets)
     assert moved == 2 * width - 1  # page 5 of row 1 was resident already: it stays in its slot
     assert fast.current[1, 2] == 5
     for row, wanted in enumerate(targets):

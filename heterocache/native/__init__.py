@@ -80,16 +80,15 @@ def refill_library() -> ctypes.CDLL | None:
     except OSError as err:
         _reason = f"could not build or load {SOURCE.name}: {err}"
         return None
-    function = library.hc_refill_blocks
+    function = library.hc_refill
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
     function.restype = i64
     function.argtypes = [i64, i64, i64, i64, i64, i64,  # n, rows, dim, channels, pages, group
                          p, p, p, f32,  # queries, qmat, qscale, alpha
                          p, i32, p, f32,  # summaries, summary_int8, base, stick
-                         p, i64, p,  # resident, width, current
-                         p, p, p, p,  # tier keys / values, bucket keys / values
-                         i64, i64,  # unit_bytes, capacity_units
-                         p, p, i64]  # page_positions, bucket_positions, unit
+                         p, i64, p, p,  # resident, width, counts, current
+                         p, p, i64, p, i64,  # tier keys / values, token_bytes, page_positions, unit
+                         p, p, p]  # seq_bucket, seq_row, buckets (keys, values, positions, capacity per bucket)
     _library = library
     return library
 

@@ -8,11 +8,14 @@
  *   bound[r, p] = base[p] + max_{g < G} sum_c qp[r, c] * summary[c, g * P + p]
  *   score[p]    = max_r (bound[r, p] - max(max_p' bound[r, p'], -1e30)) + stick * resident[p]
  *
- * The ``width`` best pages of each sequence are wanted; each wanted page that is not resident is
+ * The ``counts[i]`` best pages of sequence i are wanted; each wanted page that is not resident is
  * copied, as one block of ``unit`` tokens, from the tier into the unit slot of a resident page that
  * is not wanted any more (k-th incoming page of a sequence into its k-th freed slot, both in
- * ascending order). Updates ``resident``, ``current`` and the bucket in place; returns the number
- * of pages moved (or -1 when a sequence's sets do not pair up, which the caller reports).
+ * ascending order). Unit slot k of sequence i = storage slots [k * unit, (k + 1) * unit) of row
+ * ``seq_row[i]`` of bucket ``seq_bucket[i]``, whose keys / values / int32 positions start at the
+ * addresses ``bucket_keys[b]`` / ``bucket_values[b]`` / ``bucket_positions[b]`` with
+ * ``bucket_capacity[b]`` slots per row. Updates ``resident``, ``current`` and the storage in place;
+ * returns the number of pages moved (-1 when a sequence's sets do not pair up, -2 out of memory).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -109,20 +112,20 @@ typedef struct {
     const float *base;
     float stick;
     uint8_t *resident;
-    int64_t width;
+    int64_t width;  /* row stride of ``current`` (the largest count) */
+    const int64_t *counts;
     int64_t *current;
     const char *tier_keys, *tier_values;
-    char *bucket_keys, *bucket_values;
-    int64_t unit_bytes, capacity_units;
+    int64_t token_bytes;
     const int64_t *page_positions;
-    int32_t *bucket_positions;
     int64_t unit;
+    const int64_t *seq_bucket, *seq_row, *bucket_keys, *bucket_values, *bucket_positions, *bucket_capacity;
 } job;
 
 /* one sequence: pages moved, -1 when its sets do not pair up, -2 out of memory */
 static int64_t refill_one(const job *J, int64_t i) {
     const int64_t rows = J->rows, dim = J->dim, channels = J->channels, pages = J->pages, group = J->group;
-    const int64_t length = pages * group, width = J->width;
+    const int64_t length = pages * group, width = J->counts[i];
     if (pages <= 0 || width <= 0) return 0;
     float *qp = malloc(sizeof(float) * rows * channels);
     float *acc = malloc(sizeof(float) * rows * length);
@@ -135,7 +138,7 @@ static int64_t refill_one(const job *J, int64_t i) {
     const float *q = J->queries + i * rows * dim;
     const float *b = J->base + i * pages;
     uint8_t *res = J->resident + i * pages;
-    int64_t *cur = J->current + i * width;
+    int64_t *cur = J->current + i * J->width;
     for (int64_t r = 0; r < rows; r++) {
         for (int64_t c = 0; c < channels; c++) {
             float v;
@@ -181,15 +184,18 @@ static int64_t refill_one(const job *J, int64_t i) {
     for (int64_t p = 0; p < pages; p++)
         if (wanted[p] && !res[p]) incoming[m++] = p;
     int64_t used = 0;
-    const int64_t unit = J->unit, unit_bytes = J->unit_bytes;
+    const int64_t unit = J->unit, token_bytes = J->token_bytes, unit_bytes = unit * token_bytes;
+    const int64_t bucket = J->seq_bucket[i], row_start = J->seq_row[i] * J->bucket_capacity[bucket];
+    char *keys = (char *)(intptr_t)J->bucket_keys[bucket] + row_start * token_bytes;
+    char *values = (char *)(intptr_t)J->bucket_values[bucket] + row_start * token_bytes;
+    int32_t *positions = (int32_t *)(intptr_t)J->bucket_positions[bucket] + row_start;
     for (int64_t k = 0; k < width && used < m; k++) {
         if (wanted[cur[k]]) continue;
         const int64_t p = incoming[used++];
-        const int64_t src = i * pages + p, dst = i * J->capacity_units + k;
-        memcpy(J->bucket_keys + dst * unit_bytes, J->tier_keys + src * unit_bytes, (size_t)unit_bytes);
-        memcpy(J->bucket_values + dst * unit_bytes, J->tier_values + src * unit_bytes, (size_t)unit_bytes);
-        for (int64_t u = 0; u < unit; u++)
-            J->bucket_positions[dst * unit + u] = (int32_t)J->page_positions[src * unit + u];
+        const int64_t src = i * pages + p;
+        memcpy(keys + k * unit_bytes, J->tier_keys + src * unit_bytes, (size_t)unit_bytes);
+        memcpy(values + k * unit_bytes, J->tier_values + src * unit_bytes, (size_t)unit_bytes);
+        for (int64_t u = 0; u < unit; u++) positions[k * unit + u] = (int32_t)J->page_positions[src * unit + u];
         cur[k] = p;
     }
     if (used != m) { moved = -1; goto done; }
@@ -200,18 +206,20 @@ done:
     return moved;
 }
 
-int64_t hc_refill_blocks(
+int64_t hc_refill(
     int64_t n, int64_t rows, int64_t dim, int64_t channels, int64_t pages, int64_t group,
     const float *queries, const float *qmat, const float *qscale, float alpha,
     const void *summaries, int32_t summary_int8, const float *base, float stick,
-    uint8_t *resident, int64_t width, int64_t *current,
-    const char *tier_keys, const char *tier_values, char *bucket_keys, char *bucket_values,
-    int64_t unit_bytes, int64_t capacity_units,
-    const int64_t *page_positions, int32_t *bucket_positions, int64_t unit)
+    uint8_t *resident, int64_t width, const int64_t *counts, int64_t *current,
+    const char *tier_keys, const char *tier_values, int64_t token_bytes, const int64_t *page_positions, int64_t unit,
+    const int64_t *seq_bucket, const int64_t *seq_row, const int64_t *buckets)
 {
+    /* buckets: 4 x nb addresses / capacities (keys, values, positions, capacity), see ``job`` */
+    int64_t nb = 0;
+    for (int64_t i = 0; i < n; i++) nb = seq_bucket[i] + 1 > nb ? seq_bucket[i] + 1 : nb;
     const job J = {n, rows, dim, channels, pages, group, queries, qmat, qscale, alpha, summaries, summary_int8,
-                   base, stick, resident, width, current, tier_keys, tier_values, bucket_keys, bucket_values,
-                   unit_bytes, capacity_units, page_positions, bucket_positions, unit};
+                   base, stick, resident, width, counts, current, tier_keys, tier_values, token_bytes, page_positions,
+                   unit, seq_bucket, seq_row, buckets, buckets + nb, buckets + 2 * nb, buckets + 3 * nb};
     int64_t moved = 0, failed = 0;
     /* sequences are independent (their own pages, slots and storage rows); with -fopenmp they share
        the OpenMP runtime torch already loaded (libgomp), so torch.set_num_threads applies */

@@ -20,6 +20,7 @@ resident are fetched and counted as moved.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import time
 from dataclasses import dataclass, fields
@@ -86,8 +87,10 @@ class LayerSlots:
     uniform: bool = True  # every sequence has ``width`` units
     blocks: bool = False  # unit slot k of a sequence = storage slots [k * unit, (k + 1) * unit) (``_layout``)
     current: torch.Tensor | None = None  # blocks: (n, width) the unit in each unit slot
-    native: bool = False  # blocks: refilled by the fused C routine (``_refill_native``)
+    native: bool = False  # refilled by the fused C routine (``_refill_native``): the block layout, or
+    # any layout of plain buckets whose rows were given unit slots by ``_row_layout``
     native_args: tuple = ()  # its arguments that stay fixed between stores (``_native_applies``)
+    native_keep: tuple = ()  # tensors those arguments point into
 
     def __post_init__(self) -> None:
         self.uniform = bool((self.counts == self.width).all())
@@ -304,7 +307,7 @@ class DynamicRetrieval:
         slots.seq_ids = torch.tensor(slots.seq, device=layer.device)
         slots.version = layer.version
         slots.blocks = self.allow_blocks and self._layout(layer, slots, found)
-        slots.native = slots.blocks and self._native_applies(layer, slots)
+        slots.native = self._native_applies(layer, slots)
 
     def _layout(self, layer, slots: LayerSlots, found: list[torch.Tensor]) -> bool:
         """Block layout, when the layer is one plain bucket of every sequence with ``width`` units each:
@@ -368,66 +371,109 @@ class DynamicRetrieval:
         self.counters.select_s += time.perf_counter() - start
 
     def _native_applies(self, layer, slots: LayerSlots) -> bool:
-        """The fused C refill (``heterocache.native``) can serve this block layout: a CPU cache whose
-        tier is the same memory and dtype, an int8 or fp32 index; ``refill="native"`` raises otherwise."""
+        """The fused C refill (``heterocache.native``) can serve this layer: a CPU cache whose tier is
+        the same memory and dtype, an int8 or fp32 index, and either the block layout or plain
+        buckets (no sliding window), whose rows then get unit slots (``_row_layout``);
+        ``refill="native"`` raises otherwise."""
         mode = self.settings.refill
         if mode == "torch":
             return False
         why = None
-        bucket = layer.buckets[0]
         stored = self.tier.blocks(layer.layer_idx, slots.unit) if isinstance(self.tier, MemoryTier) else None
-        mine = (slots.summaries, slots.base, slots.current, slots.page_positions, slots.basis, slots.channel_scale)
+        mine = (slots.summaries, slots.base, slots.page_positions, slots.basis, slots.channel_scale)
         if layer.device.type != "cpu":
             why = f"the cache is on {layer.device}, the native refill runs on the CPU only"
         elif stored is None or not self.tier.shares_memory_with(layer.device):
             why = f"the {self.tier.name} tier is not host memory the refill can read in place"
-        elif stored[0].dtype != bucket.keys.dtype:
-            why = f"the tier holds {stored[0].dtype}, the cache {bucket.keys.dtype}"
+        elif stored[0].dtype != layer.dtype or any(b.keys.dtype != layer.dtype for b in layer.buckets):
+            why = f"the tier holds {stored[0].dtype}, the cache {layer.dtype}"
         elif not all(t is None or t.is_contiguous() for t in mine):
             why = "the index tensors are not contiguous"
         elif slots.summaries.dtype not in (torch.int8, torch.float32):
             why = f"the native refill reads int8 or float32 indexes, not {slots.summaries.dtype}"
+        elif not slots.blocks and not (self.allow_blocks and slots.every_row and self._row_layout(layer, slots)):
+            why = "the layer's storage has sliding-window or non-contiguous buckets"
         elif native.refill_library() is None:
             why = native.unavailable_reason()
-        if why is None:
-            slots.resident = slots.resident.contiguous()
-            sketch = slots.basis is not None
-            keys, values = stored
-            n, channels = slots.summaries.shape[:2]
-            slots.native_args = (  # pointers into tensors the slots keep alive (updated in place)
-                n, channels, slots.base.shape[1], slots.unit if sketch else 1,
-                slots.basis.data_ptr() if sketch else None,
-                None if slots.channel_scale is None else slots.channel_scale.data_ptr(),
-                1.0 if sketch else slots.scaling, slots.summaries.data_ptr(), int(slots.summaries.dtype == torch.int8),
-                slots.base.data_ptr(), self.settings.stick, slots.resident.data_ptr(), slots.width,
-                slots.current.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.shape[1] * keys.element_size(),
-                slots.page_positions.data_ptr(), slots.unit)
-            return True
-        if mode == "native":
-            raise ValueError(f"refill='native' cannot be used here: {why}; use refill='auto' or 'torch'")
-        return False
+        if why is not None:
+            if mode == "native":
+                raise ValueError(f"refill='native' cannot be used here: {why}; use refill='auto' or 'torch'")
+            return False
+        slots.resident = slots.resident.contiguous()
+        sketch = slots.basis is not None
+        keys, values = stored
+        n, channels = slots.summaries.shape[:2]
+        located = torch.tensor([layer.locate[seq] for seq in slots.seq], dtype=torch.long)  # (n, 2) bucket, row
+        seq_bucket, seq_row = located[:, 0].contiguous(), located[:, 1].contiguous()
+        counts = slots.counts.to(torch.long).contiguous()
+        slots.native_keep = (seq_bucket, seq_row, counts)
+        slots.native_args = (  # pointers into tensors the slots keep alive (updated in place)
+            n, channels, slots.base.shape[1], slots.unit if sketch else 1,
+            slots.basis.data_ptr() if sketch else None,
+            None if slots.channel_scale is None else slots.channel_scale.data_ptr(),
+            1.0 if sketch else slots.scaling, slots.summaries.data_ptr(), int(slots.summaries.dtype == torch.int8),
+            slots.base.data_ptr(), self.settings.stick, slots.resident.data_ptr(), slots.current.shape[1],
+            counts.data_ptr(), slots.current.data_ptr(), keys.data_ptr(), values.data_ptr(),
+            layer.head_dim * keys.element_size(), slots.page_positions.data_ptr(), slots.unit,
+            seq_bucket.data_ptr(), seq_row.data_ptr())
+        return True
+
+    def _row_layout(self, layer, slots: LayerSlots) -> bool:
+        """Unit slots for any layout of plain buckets (ragged batches, several buckets): each
+        sequence's dynamic units move, unit by unit, to storage slots ``[0, count * unit)`` of its own
+        row (the other entries keep their relative order after them), for the C refill to address
+        as ``row start + k * unit`` (there is no PyTorch block path for this layout: its reference is
+        the token-by-token ``_swap`` on the unmoved layout, tests/test_native.py)."""
+        if any(b.window is not None or not all(t.is_contiguous() for t in (b.keys, b.values, b.positions))
+               or b.positions.dtype != torch.int32 for b in layer.buckets):
+            return False
+        device = layer.device
+        current = torch.zeros(len(slots.seq), max(slots.width, 1), dtype=torch.long, device=device)
+        for i, seq in enumerate(slots.seq):
+            bucket_index, row = layer.locate[seq]
+            bucket = layer.buckets[bucket_index]
+            units = torch.nonzero(slots.resident[i]).flatten()  # ascending
+            block = units.numel() * slots.unit
+            if not block:
+                continue
+            first = slots.slot_of[i, slots.page_positions[i, units].reshape(-1)]
+            other = torch.ones(bucket.capacity, dtype=torch.bool, device=device)
+            other[first] = False
+            order = torch.cat([first, torch.nonzero(other).flatten()])
+            for name in ("keys", "values", "positions"):
+                tensor = getattr(bucket, name)
+                tensor[row] = tensor[row][order]
+            slots.slot_of[i, bucket.positions[row, :block].long()] = torch.arange(block, device=device)
+            current[i, : units.numel()] = units
+        slots.current = current
+        layer.version += 1  # the slots moved; nothing else addresses them (a later store bumps it again)
+        slots.version = layer.version
+        return True
 
     def _refill_native(self, layer, slots: LayerSlots, grouped: torch.Tensor) -> bool:
-        """``choose`` + ``_swap_blocks`` in one C call (``heterocache/native/refill.c``); False (nothing
-        done) when the bucket's storage is no longer in a form it reads."""
-        bucket = layer.buckets[0]
-        if bucket.positions.dtype != torch.int32 or not bucket.positions.is_contiguous():
-            if self.settings.refill == "native":
-                raise ValueError("refill='native' cannot be used here: the bucket positions are not contiguous "
-                                 "int32; use refill='auto' or 'torch'")
+        """``choose`` + the page copies in one C call (``heterocache/native/refill.c``). False (nothing
+        done) when a bucket's positions are no longer contiguous int32 in the block layout (whose
+        PyTorch path then takes over); the row layout has no such fallback: an error."""
+        buckets = layer.buckets
+        if any(b.positions.dtype != torch.int32 or not b.positions.is_contiguous() for b in buckets):
+            if self.settings.refill == "native" or not slots.blocks:
+                raise RuntimeError(f"layer {layer.layer_idx}: the native refill needs contiguous int32 bucket "
+                                   "positions; use refill='torch'")
             return False
         queries = grouped.float().contiguous()
         n, rows, dim = queries.shape
-        (_, channels, pages, group, basis, scale, alpha, summaries, is_int8, base, stick, resident, width, current,
-         tier_keys, tier_values, unit_bytes, page_positions, unit) = slots.native_args
-        moved = native.refill_library().hc_refill_blocks(
+        addresses = ([b.keys.data_ptr() for b in buckets] + [b.values.data_ptr() for b in buckets]
+                     + [b.positions.data_ptr() for b in buckets] + [b.capacity for b in buckets])
+        (_, channels, pages, group, basis, scale, alpha, summaries, is_int8, base, stick, resident, width, counts,
+         current, tier_keys, tier_values, token_bytes, page_positions, unit, seq_bucket, seq_row) = slots.native_args
+        moved = native.refill_library().hc_refill(
             n, rows, dim, channels, pages, group, queries.data_ptr(), basis, scale, alpha, summaries, is_int8, base,
-            stick, resident, width, current, tier_keys, tier_values, bucket.keys.data_ptr(), bucket.values.data_ptr(),
-            unit_bytes, bucket.keys.shape[1] // unit, page_positions, bucket.positions.data_ptr(), unit)
+            stick, resident, width, counts, current, tier_keys, tier_values, token_bytes, page_positions, unit,
+            seq_bucket, seq_row, (ctypes.c_int64 * len(addresses))(*addresses))
         if moved < 0:
             raise RuntimeError(f"layer {layer.layer_idx}: native refill failed ({moved}): the dynamic slots "
                                "no longer pair up with the resident pages")
-        self.counters.bytes += 2 * moved * unit_bytes
+        self.counters.bytes += 2 * moved * unit * token_bytes
         self.counters.tokens += moved * unit
         return True
 
