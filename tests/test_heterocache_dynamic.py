@@ -159,15 +159,18 @@ def test_dynamic_budget_pays_for_the_summaries_and_keep_one_is_exact():
 @pytest.mark.parametrize("option,value,match", [("dynamic_share", 1.5, "dynamic_share=1.5"), ("page", 0, "page=0"),
                                                 ("summary_dtype", "float8", "summary_dtype='float8'"),
                                                 ("scorer", "oracle", "scorer='oracle'"), ("stick", -1.0, "stick=-1.0"),
-                                                ("stick", "high", "stick='high' must be 'auto'"), ("refill", "fast", "refill='fast'")])
+                                                ("stick", "high", "stick='high' of method 'heterocache' must be of type float"), ("refill", "fast", "refill='fast'"),
+                                                ("page_score", "mean", "page_score='mean'")])
 def test_dynamic_options_are_validated(option, value, match):
     with pytest.raises(ValueError, match=match):
         hc.make_cache(tiny_model(), "heterocache", 0.5, **{option: value})
 
 
-def test_full_rank_sketch_selects_the_exact_top_pages():
-    """With rank = D the sketch is exact: a page scores as its best token's shifted logit."""
-    from heterocache.methods.heterocache.dynamic import LayerSlots, choose, key_sketch
+@pytest.mark.parametrize("lse", [True, False])
+def test_full_rank_sketch_selects_the_exact_top_pages(lse):
+    """With rank = D the sketch is exact: a page scores as the log-sum-exp (or the max) of its tokens'
+    shifted logits."""
+    from heterocache.methods.heterocache.dynamic import LayerSlots, choose, key_sketch, unit_scores
 
     gen = torch.Generator().manual_seed(5)
     n, pages, page, d, width = 2, 10, 4, 8, 3
@@ -179,11 +182,13 @@ def test_full_rank_sketch_selects_the_exact_top_pages():
     slots = LayerSlots(seq=[0, 1], resident=torch.zeros(n, pages, dtype=torch.bool), counts=torch.full((n,), width),
                        width=width, summaries=sketch.view(n, pages, page, d).transpose(1, 2).reshape(n, -1, d)
                        .transpose(1, 2).contiguous(), basis=basis * 0.3, scaling=0.3,  # unit-major columns
-                       base=base, length=pages * page, unit=page,
+                       base=base, length=pages * page, unit=page, page_lse=lse,
                        page_positions=torch.arange(pages * page).view(1, pages, page).expand(n, -1, -1))
     chosen = choose(slots, queries, 0.0)
-    logits = ((queries @ keys.transpose(1, 2)) * 0.3).view(n, 3, pages, page).amax(-1) + base[:, None]  # (n, 3, P)
+    logits = ((queries @ keys.transpose(1, 2)) * 0.3).view(n, 3, pages, page)  # (n, 3, P, page)
+    logits = (logits.logsumexp(-1) if lse else logits.amax(-1)) + base[:, None]
     logits = logits - logits.amax(-1, keepdim=True)
+    torch.testing.assert_close(unit_scores(slots, queries, 0.0), logits.amax(1), rtol=1e-4, atol=1e-4)
     want = logits.amax(1).topk(width, dim=-1).indices
     assert [sorted(r) for r in chosen.tolist()] == [sorted(r) for r in want.tolist()]
 
@@ -216,7 +221,8 @@ def test_block_swap_matches_the_token_swap(index):
     ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(3))
     logits = {}
     for blocks in (True, False):
-        cache = hc.make_cache(model, "heterocache", 0.25, index=index, rank=2, window=8, sinks=2)
+        cache = hc.make_cache(model, "heterocache", 0.25, index=index, rank=2, window=8, sinks=2,
+                              refill="torch")  # the PyTorch block path (the C one: tests/test_native.py)
         rows = []
         with torch.no_grad():
             out = model(ids, **cache_kwargs(cache, model))
@@ -291,19 +297,3 @@ def test_every_tier_serves_the_same_pages(tmp_path):
         logits[offload] = torch.cat(rows)
         cache.close()
     assert torch.equal(logits["host"], logits["disk"]) and torch.equal(logits["host"], logits["none"])
-
-
-def test_stick_auto_follows_the_index():
-    """``stick="auto"``: the resident-page bonus with the sketch index, none with page means."""
-    from heterocache.methods.heterocache.method import STICK_SKETCH
-
-    method = HeteroCache()
-    method.head_dim, method.kv_bytes = 64, 4  # the embedded model's geometry: sketch at keep >= 0.19
-    assert method.resolved_index(0.25) == "sketch" and method.resolved_stick(0.25) == STICK_SKETCH
-    assert method.resolved_index(0.1) == "pages" and method.resolved_stick(0.1) == 0.0
-    assert HeteroCache(stick=0.0).resolved_stick(0.25) == 0.0
-    model = tiny_model("llama", layers=2, heads=4, kv_heads=2)
-    cache = hc.make_cache(model, "heterocache", 0.5, index="sketch", rank=2)
-    with torch.no_grad():
-        model(torch.randint(0, 128, (1, 120)), **cache_kwargs(cache, model))
-    assert cache.method.runtime.settings.stick == STICK_SKETCH

@@ -35,14 +35,15 @@ def _decode(model, ids, steps: int, **options):
     return torch.cat(rows), held, runtime, stats
 
 
-@pytest.mark.parametrize("index,summary_dtype,batch", [
-    ("sketch", "int8", 1), ("sketch", "float32", 1), ("pages", "int8", 1), ("pages", "float32", 1), ("sketch", "int8", 2)])
-def test_native_refill_matches_the_torch_blocks(index, summary_dtype, batch):
+@pytest.mark.parametrize("index,summary_dtype,batch,page_score", [
+    ("sketch", "int8", 1, "lse"), ("sketch", "int8", 1, "max"), ("sketch", "float32", 1, "lse"),
+    ("pages", "int8", 1, "lse"), ("pages", "float32", 1, "lse"), ("sketch", "int8", 2, "lse")])
+def test_native_refill_matches_the_torch_blocks(index, summary_dtype, batch, page_score):
     """``stick`` stays 0 here: with a bonus, pages tie exactly at the bonus (each query row's best page
     scores 0) and tied pages are chosen differently (C: lower page first; ``torch.topk``: unspecified)."""
     model = tiny_model("llama", layers=2, heads=6, kv_heads=2)  # 3 query rows per KV head
     ids = torch.randint(0, 128, (batch, 300), generator=torch.Generator().manual_seed(3))
-    options = {"index": index, "rank": 3, "page": 4, "summary_dtype": summary_dtype, "stick": 0.0}
+    options = {"index": index, "rank": 3, "page": 4, "summary_dtype": summary_dtype, "page_score": page_score}
     fast = _decode(model, ids, 24, refill="native", **options)
     slow = _decode(model, ids, 24, refill="torch", **options)
     uniform = [layer for layer, slots in fast[2].layers.items() if slots.uniform]
@@ -70,7 +71,7 @@ def test_native_refill_of_ragged_rows_matches_the_token_swap(index, lengths):
         # pages (each scoring exactly 0) tie at the cut, and torch.topk and the C selection break ties
         # differently
         cache = hc.make_cache(model, "heterocache", 0.5, window=8, sinks=2, index=index, rank=3, page=4,
-                              stick=0.0, refill=refill)
+                              refill=refill)
         with torch.no_grad():
             # token 0 is the padding id (also fed to rows that finished), whose embedding is zero: its
             # queries score every page alike, so it must never come
@@ -138,7 +139,7 @@ def test_native_refill_holds_the_top_pages_of_a_constructed_query():
                                    capacity)
     moved = native.refill_library().hc_refill(
         n, 1, d, d, pages, page, queries.data_ptr(), fast.basis.data_ptr(), None, 1.0, summaries.data_ptr(), 0,
-        fast.base.data_ptr(), 0.0, fast.resident.data_ptr(), width, counts.data_ptr(), fast.current.data_ptr(),
+        fast.base.data_ptr(), 0.0, 0, fast.resident.data_ptr(), width, counts.data_ptr(), fast.current.data_ptr(),
         keys.data_ptr(), values.data_ptr(), d * 4, positions.data_ptr(), page, seq_bucket.data_ptr(),
         seq_row.data_ptr(), buckets)
     assert moved == 2 * width - 1  # page 5 of row 1 was resident already: it stays in its slot

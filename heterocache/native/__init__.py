@@ -85,7 +85,7 @@ def refill_library() -> ctypes.CDLL | None:
     function.restype = i64
     function.argtypes = [i64, i64, i64, i64, i64, i64,  # n, rows, dim, channels, pages, group
                          p, p, p, f32,  # queries, qmat, qscale, alpha
-                         p, i32, p, f32,  # summaries, summary_int8, base, stick
+                         p, i32, p, f32, i32,  # summaries, summary_int8, base, stick, page_lse
                          p, i64, p, p,  # resident, width, counts, current
                          p, p, i64, p, i64,  # tier keys / values, token_bytes, page_positions, unit
                          p, p, p]  # seq_bucket, seq_row, buckets (keys, values, positions, capacity per bucket)

@@ -5,7 +5,8 @@
  * tests/test_native.py:
  *
  *   qp[r, c]    = alpha * (sum_d q[r, d] * qmat[d, c]) * qscale[c]      (qmat NULL: q[r, c] itself)
- *   bound[r, p] = base[p] + max_{g < G} sum_c qp[r, c] * summary[c, g * P + p]
+ *   t[r, g, p]  = sum_c qp[r, c] * summary[c, g * P + p]       (token g of page p)
+ *   bound[r, p] = base[p] + logsumexp_{g < G} t[r, g, p]     (``page_lse``; else max_{g < G})
  *   score[p]    = max_r (bound[r, p] - max(max_p' bound[r, p'], -1e30)) + stick * resident[p]
  *
  * The ``counts[i]`` best pages of sequence i are wanted; each wanted page that is not resident is
@@ -24,6 +25,53 @@
 #include <stddef.h>
 
 typedef struct { float score; int32_t page; } entry;
+
+/* exp(x) for x <= 0 and log(x) for x >= 1 as branch-free polynomials that vectorise (Cephes'
+ * single-precision coefficients: ~1 ulp, like torch's exp / log) */
+static inline float exp_nonpositive(float x) {
+    uint32_t magnitude; /* max(x, -87) on the bits (x <= 0: a larger magnitude is a larger uint) */
+    memcpy(&magnitude, &x, sizeof magnitude);
+    magnitude = magnitude < 0xC2AE0000u ? magnitude : 0xC2AE0000u; /* -87.0f; exp(-87) is ~1e-38 */
+    memcpy(&x, &magnitude, sizeof x);
+    const float n = (float)((int32_t)(x * 1.44269504088896341f + 128.5f) - 128); /* round(x / ln 2) */
+    x = x - n * 0.693359375f + n * 2.12194440e-4f;
+    const float z = x * x;
+    float y = 1.9875691500e-4f;
+    y = y * x + 1.3981999507e-3f;
+    y = y * x + 8.3334519073e-3f;
+    y = y * x + 4.1665795894e-2f;
+    y = y * x + 1.6666665459e-1f;
+    y = y * x + 5.0000001201e-1f;
+    y = y * z + x + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) * 8388608; /* 2^n */
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return y * scale;
+}
+
+static inline float log_atleast1(float x) {
+    int32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    const int32_t e = (bits - 0x3f3504f3) >> 23; /* x = m 2^e, m in [sqrt(1/2), sqrt(2)) */
+    bits -= e * 8388608;
+    float m;
+    memcpy(&m, &bits, sizeof m);
+    m -= 1.0f;
+    const float fe = (float)e, z = m * m;
+    float y = 7.0376836292e-2f;
+    y = y * m - 1.1514610310e-1f;
+    y = y * m + 1.1676998740e-1f;
+    y = y * m - 1.2420140846e-1f;
+    y = y * m + 1.4249322787e-1f;
+    y = y * m - 1.6668057665e-1f;
+    y = y * m + 2.0000714765e-1f;
+    y = y * m - 2.4999993993e-1f;
+    y = y * m + 3.3333331174e-1f;
+    y = y * m * z;
+    y += -2.12194440e-4f * fe;
+    y += -0.5f * z;
+    return m + y + 0.693359375f * fe;
+}
 
 /* max without libm's fmaxf call (scores are never NaN) */
 static inline float maxf(float a, float b) { return a > b ? a : b; }
@@ -111,6 +159,7 @@ typedef struct {
     int32_t summary_int8;
     const float *base;
     float stick;
+    int32_t page_lse;
     uint8_t *resident;
     int64_t width;  /* row stride of ``current`` (the largest count) */
     const int64_t *counts;
@@ -130,11 +179,12 @@ static int64_t refill_one(const job *J, int64_t i) {
     float *qp = malloc(sizeof(float) * rows * channels);
     float *acc = malloc(sizeof(float) * rows * length);
     float *bound = malloc(sizeof(float) * rows * pages);
+    float *sums = malloc(sizeof(float) * pages);
     entry *order = malloc(sizeof(entry) * pages);
     uint8_t *wanted = malloc((size_t)pages);
     int64_t *incoming = malloc(sizeof(int64_t) * (width > 0 ? width : 1));
     int64_t moved = 0;
-    if (!qp || !acc || !bound || !order || !wanted || !incoming) { moved = -2; goto done; }
+    if (!qp || !acc || !bound || !sums || !order || !wanted || !incoming) { moved = -2; goto done; }
     const float *q = J->queries + i * rows * dim;
     const float *b = J->base + i * pages;
     uint8_t *res = J->resident + i * pages;
@@ -163,6 +213,12 @@ static int64_t refill_one(const job *J, int64_t i) {
         for (int64_t p = 0; p < pages; p++) out[p] = accr[p];
         for (int64_t g = 1; g < group; g++)
             for (int64_t p = 0; p < pages; p++) out[p] = maxf(out[p], accr[g * pages + p]);
+        if (J->page_lse && group > 1) { /* max + log sum exp(t - max) */
+            for (int64_t p = 0; p < pages; p++) sums[p] = 0.0f;
+            for (int64_t g = 0; g < group; g++)
+                for (int64_t p = 0; p < pages; p++) sums[p] += exp_nonpositive(accr[g * pages + p] - out[p]);
+            for (int64_t p = 0; p < pages; p++) out[p] += log_atleast1(sums[p]);
+        }
         for (int64_t p = 0; p < pages; p++) {
             out[p] += b[p];
             top = maxf(top, out[p]);
@@ -202,14 +258,14 @@ static int64_t refill_one(const job *J, int64_t i) {
     moved = m;
     memcpy(res, wanted, (size_t)pages);
 done:
-    free(qp); free(acc); free(bound); free(order); free(wanted); free(incoming);
+    free(qp); free(acc); free(bound); free(sums); free(order); free(wanted); free(incoming);
     return moved;
 }
 
 int64_t hc_refill(
     int64_t n, int64_t rows, int64_t dim, int64_t channels, int64_t pages, int64_t group,
     const float *queries, const float *qmat, const float *qscale, float alpha,
-    const void *summaries, int32_t summary_int8, const float *base, float stick,
+    const void *summaries, int32_t summary_int8, const float *base, float stick, int32_t page_lse,
     uint8_t *resident, int64_t width, const int64_t *counts, int64_t *current,
     const char *tier_keys, const char *tier_values, int64_t token_bytes, const int64_t *page_positions, int64_t unit,
     const int64_t *seq_bucket, const int64_t *seq_row, const int64_t *buckets)
@@ -218,7 +274,7 @@ int64_t hc_refill(
     int64_t nb = 0;
     for (int64_t i = 0; i < n; i++) nb = seq_bucket[i] + 1 > nb ? seq_bucket[i] + 1 : nb;
     const job J = {n, rows, dim, channels, pages, group, queries, qmat, qscale, alpha, summaries, summary_int8,
-                   base, stick, resident, width, counts, current, tier_keys, tier_values, token_bytes, page_positions,
+                   base, stick, page_lse, resident, width, counts, current, tier_keys, tier_values, token_bytes, page_positions,
                    unit, seq_bucket, seq_row, buckets, buckets + nb, buckets + 2 * nb, buckets + 3 * nb};
     int64_t moved = 0, failed = 0;
     /* sequences are independent (their own pages, slots and storage rows); with -fopenmp they share

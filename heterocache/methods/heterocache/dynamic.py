@@ -43,6 +43,7 @@ class DynamicSettings:
     offload: str  # slow tier of the full prompt K/V ("host", "disk", "none")
     offload_dir: Any
     refill: str = "auto"  # block-layout refill on the CPU: "auto" / "native" (heterocache.native) / "torch"
+    page_score: str = "lse"  # sketch: a page scores as the log-sum-exp ("lse") or the max of its tokens
 
 
 @dataclass
@@ -87,6 +88,7 @@ class LayerSlots:
     uniform: bool = True  # every sequence has ``width`` units
     blocks: bool = False  # unit slot k of a sequence = storage slots [k * unit, (k + 1) * unit) (``_layout``)
     current: torch.Tensor | None = None  # blocks: (n, width) the unit in each unit slot
+    page_lse: bool = True  # sketch: page score = log-sum-exp of its tokens' scores (else their max)
     native: bool = False  # refilled by the fused C routine (``_refill_native``): the block layout, or
     # any layout of plain buckets whose rows were given unit slots by ``_row_layout``
     native_args: tuple = ()  # its arguments that stay fixed between stores (``_native_applies``)
@@ -150,7 +152,8 @@ def unit_scores(slots: LayerSlots, queries: torch.Tensor, stick: float) -> torch
             projected = projected * slots.channel_scale
         bound = torch.bmm(projected, slots.summaries.float())  # (n, R, unit * P)
         if slots.unit > 1:
-            bound = bound.view(*bound.shape[:2], slots.unit, -1).amax(2)
+            tokens = bound.view(*bound.shape[:2], slots.unit, -1)
+            bound = tokens.logsumexp(2) if slots.page_lse else tokens.amax(2)
         bound = bound + slots.base[:, None]
     else:
         q = queries.float() if slots.channel_scale is None else queries.float() * slots.channel_scale
@@ -264,7 +267,7 @@ class DynamicRetrieval:
         base = torch.zeros(n, pages, device=real.device).masked_fill(~real, float("-inf"))
         slots = LayerSlots(resident=resident, counts=units, width=int(units.max()), summaries=summaries,
                            channel_scale=scale, basis=basis, base=base, unit=page, page_positions=positions,
-                           **common)
+                           page_lse=self.settings.page_score == "lse", **common)
         self.layers[ctx.layer_idx] = slots
         return (slots.held_tokens() | extra).view(b, len(heads), length)
 
@@ -412,7 +415,8 @@ class DynamicRetrieval:
             slots.basis.data_ptr() if sketch else None,
             None if slots.channel_scale is None else slots.channel_scale.data_ptr(),
             1.0 if sketch else slots.scaling, slots.summaries.data_ptr(), int(slots.summaries.dtype == torch.int8),
-            slots.base.data_ptr(), self.settings.stick, slots.resident.data_ptr(), slots.current.shape[1],
+            slots.base.data_ptr(), self.settings.stick, int(slots.page_lse), slots.resident.data_ptr(),
+            slots.current.shape[1],
             counts.data_ptr(), slots.current.data_ptr(), keys.data_ptr(), values.data_ptr(),
             layer.head_dim * keys.element_size(), slots.page_positions.data_ptr(), slots.unit,
             seq_bucket.data_ptr(), seq_row.data_ptr())
@@ -464,11 +468,12 @@ class DynamicRetrieval:
         n, rows, dim = queries.shape
         addresses = ([b.keys.data_ptr() for b in buckets] + [b.values.data_ptr() for b in buckets]
                      + [b.positions.data_ptr() for b in buckets] + [b.capacity for b in buckets])
-        (_, channels, pages, group, basis, scale, alpha, summaries, is_int8, base, stick, resident, width, counts,
-         current, tier_keys, tier_values, token_bytes, page_positions, unit, seq_bucket, seq_row) = slots.native_args
+        (_, channels, pages, group, basis, scale, alpha, summaries, is_int8, base, stick, lse, resident, width,
+         counts, current, tier_keys, tier_values, token_bytes, page_positions, unit, seq_bucket,
+         seq_row) = slots.native_args
         moved = native.refill_library().hc_refill(
             n, rows, dim, channels, pages, group, queries.data_ptr(), basis, scale, alpha, summaries, is_int8, base,
-            stick, resident, width, counts, current, tier_keys, tier_values, token_bytes, page_positions, unit,
+            stick, lse, resident, width, counts, current, tier_keys, tier_values, token_bytes, page_positions, unit,
             seq_bucket, seq_row, (ctypes.c_int64 * len(addresses))(*addresses))
         if moved < 0:
             raise RuntimeError(f"layer {layer.layer_idx}: native refill failed ({moved}): the dynamic slots "

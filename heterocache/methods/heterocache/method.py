@@ -67,7 +67,7 @@ def layer_uniform(total: int, n_layers: int, n_heads: int) -> list[list[int]]:
 PAGE_SIZES = (4, 8, 16, 32, 64)  # page="auto" candidates (index="pages")
 SKETCH_RANKS = (16, 8, 4)
 REFILLS = ("auto", "native", "torch")
-STICK_SKETCH = 0.5  # stick="auto" with the sketch index  # rank="auto" candidates
+PAGE_SCORES = ("lse", "max")  # rank="auto" candidates
 
 
 @dataclass
@@ -101,12 +101,16 @@ class HeteroCache(Method):
         Dynamic mode: storage dtype of the index (``"int8"``, default: each channel rounded to 255
         levels of its own fp32 scale, which multiplies the queries instead; ``"bfloat16"``,
         ``"float16"``, ``"float32"``); its bytes are paid out of the budget.
-    stick : float | str
+    stick : float
         Dynamic mode: score bonus of pages already resident (in units of the scaled logit; 0: none);
-        larger values move fewer bytes per step. ``"auto"`` (default): ``STICK_SKETCH`` (0.5) with the
-        sketch index, whose best-token page scores flicker from step to step (measured at keep 0.25:
-        the same KL, top-1 0.911 -> 0.922, 38% fewer bytes moved, pass keys still 9/9), 0 with page
-        means (at keep 0.1 a bonus of 0.5 raised KL 0.056 -> 0.074).
+        larger values move fewer bytes per step (measured at keep 0.25: 0.5 moves 43% fewer bytes at
+        about the same KL but answered 8/9 question-after pass keys instead of 9/9;
+        docs/research/quality.md).
+    page_score : str
+        Dynamic mode, ``index="sketch"``: how a page's tokens' sketched logits make its score:
+        ``"lse"`` (default: their log-sum-exp, the page's estimated attention mass) or ``"max"`` (its
+        best token). Measured at keep 0.25: lse 0.0146 / 0.932, max 0.0158 / 0.911 (KL / top-1), both
+        9/9 question-after pass keys.
     refill : str
         Dynamic mode, CPU: how a layer's dynamic slots are refilled in the block layout. ``"auto"``
         (default): the fused C routine of ``heterocache/native`` (compiled on first use) where it
@@ -163,7 +167,8 @@ class HeteroCache(Method):
     page: Any = "auto"
     rank: Any = "auto"
     summary_dtype: str = "int8"
-    stick: Any = "auto"
+    stick: float = 0.0
+    page_score: str = "lse"
     refill: str = "auto"
     scorer: Any = None
     expected_window: int = 64
@@ -206,10 +211,8 @@ class HeteroCache(Method):
                     raise ValueError(f"{name}={value!r} must be 'auto' or an integer >= 1")
                 check_range(name, value, 1)
         check_choice("summary_dtype", self.summary_dtype, SUMMARY_DTYPES)
-        if self.stick != "auto":
-            if isinstance(self.stick, bool) or not isinstance(self.stick, (int, float)):
-                raise ValueError(f"stick={self.stick!r} must be 'auto' or a number >= 0")
-            check_range("stick", self.stick, 0)
+        check_range("stick", self.stick, 0)
+        check_choice("page_score", self.page_score, PAGE_SCORES)
         check_choice("refill", self.refill, REFILLS)
         if self.scorer is not None:
             check_choice("scorer", self.scorer, ("expected", "votes"))
@@ -284,9 +287,9 @@ class HeteroCache(Method):
             self.runtime = DynamicRetrieval(DynamicSettings(self.resolved_index(cache.keep),
                                                             self.resolved_page(cache.keep),
                                                             self.resolved_rank(cache.keep),
-                                                            self.resolved_stick(cache.keep),
+                                                            float(self.stick),
                                                             getattr(torch, self.summary_dtype), self.offload,
-                                                            self.offload_dir, self.refill))
+                                                            self.offload_dir, self.refill, self.page_score))
         elif self.retrieval != "off":
             settings = Settings(self.steps, self.topk, self.drift_threshold, self.retrieval, self.offload,
                                 self.offload_dir, self.sinks, self.window, self.recent_fraction)
@@ -346,12 +349,6 @@ class HeteroCache(Method):
             return self.index
         share = SKETCH_RANKS[0] * self.summary_element_size / (2 * self.head_dim * self.kv_bytes)
         return "sketch" if share <= keep / 6 else "pages"
-
-    def resolved_stick(self, keep: float) -> float:
-        """``stick="auto"``: ``STICK_SKETCH`` with the sketch index, else 0 (see ``stick``)."""
-        if self.stick != "auto":
-            return float(self.stick)
-        return STICK_SKETCH if self.resolved_index(keep) == "sketch" else 0.0
 
     def resolved_page(self, keep: float) -> int:
         """``page="auto"``: the smallest of ``PAGE_SIZES`` whose summaries cost at most ``keep / 6``
