@@ -165,3 +165,26 @@ def test_refill_native_says_why_it_cannot_run():
     with pytest.raises(ValueError, match="refill='fast'"):
         hc.make_cache(model, "heterocache", 0.25, refill="fast")
     _decode(model, ids, 2, refill="auto", offload="disk")  # auto: the PyTorch path instead
+
+
+def test_without_the_library_auto_falls_back_and_native_says_why(monkeypatch):
+    """No compiler (here: HETEROCACHE_NATIVE=0): refill='auto' runs the PyTorch ops and leaves the
+    storage layout alone (ragged rows keep the token swap, same logits as refill='torch');
+    refill='native' is an error naming the reason."""
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setenv("HETEROCACHE_NATIVE", "0")
+    model = tiny_model("llama", layers=2, heads=6, kv_heads=2)
+    ids, mask = left_padded_batch([300, 220, 140], seed=7)
+    logits = {}
+    for refill in ("auto", "torch"):
+        cache = hc.make_cache(model, "heterocache", 0.5, window=8, sinks=2, rank=3, page=4, refill=refill)
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, **cache_kwargs(cache, model), max_new_tokens=5,
+                                 min_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                                 suppress_tokens=[0])
+        assert not any(slots.native for slots in cache.method.runtime.layers.values())
+        logits[refill] = torch.stack(out.logits)
+    assert torch.equal(logits["auto"], logits["torch"])
+    with pytest.raises(ValueError, match="refill='native' cannot be used here: disabled by HETEROCACHE_NATIVE=0"):
+        _decode(model, ids[:1], 2, refill="native")

@@ -394,10 +394,10 @@ class DynamicRetrieval:
             why = "the index tensors are not contiguous"
         elif slots.summaries.dtype not in (torch.int8, torch.float32):
             why = f"the native refill reads int8 or float32 indexes, not {slots.summaries.dtype}"
-        elif not slots.blocks and not (self.allow_blocks and slots.every_row and self._row_layout(layer, slots)):
-            why = "the layer's storage has sliding-window or non-contiguous buckets"
         elif native.refill_library() is None:
             why = native.unavailable_reason()
+        elif not slots.blocks and not (self.allow_blocks and slots.every_row and self._row_layout(layer, slots)):
+            why = "the layer's storage has sliding-window or non-contiguous buckets"  # (checked before moving)
         if why is not None:
             if mode == "native":
                 raise ValueError(f"refill='native' cannot be used here: {why}; use refill='auto' or 'torch'")
