@@ -65,9 +65,9 @@ def layer_uniform(total: int, n_layers: int, n_heads: int) -> list[list[int]]:
 
 
 PAGE_SIZES = (4, 8, 16, 32, 64)  # page="auto" candidates (index="pages")
-SKETCH_RANKS = (16, 8, 4)
+SKETCH_RANKS = (16, 8, 4)  # rank="auto" candidates
 REFILLS = ("auto", "native", "torch")
-PAGE_SCORES = ("lse", "max")  # rank="auto" candidates
+PAGE_SCORES = ("lse", "max")
 
 
 @dataclass
@@ -86,8 +86,7 @@ class HeteroCache(Method):
         Dynamic mode: the device-resident index the step's queries are scored against: ``"pages"``
         (mean key of each page of ``page`` selectable prompt tokens; whole pages are fetched) or
         ``"sketch"`` (every paged key on its head's top-``rank`` right singular vectors; a page scores
-        as its best token). ``"auto"`` (default): the
-        sketch where a rank-16 one costs at most a sixth of ``keep`` (keep >= 0.19 for an fp32 cache,
+        by ``page_score``). ``"auto"`` (default): the sketch where a rank-16 one costs at most a sixth of ``keep`` (keep >= 0.19 for an fp32 cache,
         head_dim 64), else pages (measured: README). Its bytes are paid from the budget.
     page : int | str
         Dynamic mode: prompt tokens per page (fetched as one block). ``"auto"`` (default): 8 with the
