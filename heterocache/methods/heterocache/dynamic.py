@@ -9,7 +9,8 @@ Every compressed head of a full-attention layer holds on the device, inside its 
   memory or disk) keeps them in that layout, so a page is fetched as one block;
 - a device-resident index, whose bytes ``method.budgets`` pays out of the kept-token budget:
   ``index="pages"``, the mean key of every page; or ``index="sketch"``, every paged key projected on
-  the head's top-``rank`` right singular vectors (Loki-style), a page scoring as its best token;
+  the head's top-``rank`` right singular vectors (Loki-style), a page scoring as the log-sum-exp
+  of its tokens' sketched logits (``page_score="max"``: its best token);
   both stored in ``summary_dtype`` (int8: with an fp32 scale per channel).
 
 Selection per sequence (batch row x KV head): approximate ``scaling * q . k`` from the index,
@@ -73,7 +74,7 @@ class LayerSlots:
     counts: torch.Tensor  # (n,) units held per sequence
     width: int  # max(counts)
     summaries: torch.Tensor  # pages: (n, D, P) mean keys; sketch: (n, r, unit * P) projected paged keys, column
-    # g * P + p = token g of page p (a page's best token is then a max over ``unit`` contiguous rows of P)
+    # g * P + p = token g of page p (a page's max / log-sum-exp then runs over ``unit`` contiguous rows of P)
     basis: torch.Tensor | None  # sketch: (n, D, r) fp32 top right singular vectors of the keys x scaling
     scaling: float
     base: torch.Tensor  # (n, P) fp32 added to the page scores: 0, or -inf on padding pages
@@ -146,7 +147,7 @@ def unit_scores(slots: LayerSlots, queries: torch.Tensor, stick: float) -> torch
     estimate of ``scaling * q . k`` (per token, or against the page's mean key) shifted per query row
     by its maximum, max over the rows, plus the selection base and ``stick`` for resident units."""
     # fp32 compute: a bf16 bmm on CPU costs more than widening the stored index each step
-    if slots.basis is not None:  # per-token sketch; a page scores as its best token
+    if slots.basis is not None:  # per-token sketch; a page scores as the lse (or max) of its tokens
         projected = torch.bmm(queries.float(), slots.basis)  # (n, R, r); the basis carries ``scaling``
         if slots.channel_scale is not None:
             projected = projected * slots.channel_scale
@@ -291,7 +292,6 @@ class DynamicRetrieval:
         held = slots.held_tokens()
         length = slots.length
         slot_of = torch.zeros(len(slots.seq), length, dtype=torch.long, device=layer.device)
-        found = []
         for i, seq in enumerate(slots.seq):
             bucket_index, row = layer.locate[seq]
             bucket = layer.buckets[bucket_index]
@@ -305,46 +305,26 @@ class DynamicRetrieval:
                 raise RuntimeError(f"layer {layer.layer_idx}: sequence {seq} holds {len(mine)} dynamic tokens, "
                                    f"expected {count} (its storage was changed outside the method)")
             slot_of[i, positions[mine]] = mine
-            found.append(mine)
         slots.slot_of = slot_of
         slots.seq_ids = torch.tensor(slots.seq, device=layer.device)
         slots.version = layer.version
-        slots.blocks = self.allow_blocks and self._layout(layer, slots, found)
+        slots.blocks = self.allow_blocks and self._layout(layer, slots)
         slots.native = self._native_applies(layer, slots)
 
-    def _layout(self, layer, slots: LayerSlots, found: list[torch.Tensor]) -> bool:
+    def _layout(self, layer, slots: LayerSlots) -> bool:
         """Block layout, when the layer is one plain bucket of every sequence with ``width`` units each:
         each sequence's dynamic tokens move to slots ``[0, width * unit)``, unit by unit (the other
-        entries keep their relative order after them), so a step replaces whole units with one
-        indexed copy per tensor (``_swap_blocks``) instead of token-by-token writes (``_swap``)."""
+        entries keep their relative order after them; ``_row_layout``), with the capacity kept a
+        multiple of ``unit``, so a step replaces whole units with one indexed copy per tensor on a
+        ``(n * capacity / unit, unit * D)`` view (``_swap_blocks``) instead of token-by-token writes
+        (``_swap``)."""
         if not (slots.every_row and slots.uniform and len(layer.buckets) == 1):
             return False
         bucket = layer.buckets[0]
-        if bucket.window is not None or not bucket.is_identity or len(found) != bucket.keys.shape[0]:
+        if bucket.window is not None or not bucket.is_identity or len(slots.seq) != bucket.keys.shape[0]:
             return False
         bucket.realign(slots.unit)  # now and after any growth, unit slots are rows of (n * capacity / unit, unit * D)
-        n, capacity, d = bucket.keys.shape
-        if any(not t.is_contiguous() for t in (bucket.keys, bucket.values, bucket.positions)):
-            return False  # the unit-slot views need contiguous storage
-        held = slots.resident.nonzero()  # (n * width, 2) row-major: each row's units in order
-        units = held[:, 1].view(n, slots.width)
-        unit_positions = slots.page_positions.gather(1, units[..., None].expand(-1, -1, slots.unit))
-        rows = torch.arange(n, device=layer.device)
-        block = slots.width * slots.unit
-        # storage slot of every unit token, in unit order, then every other slot in its order
-        first = slots.slot_of[rows[:, None, None], unit_positions].view(n, block)
-        other = torch.ones(n, capacity, dtype=torch.bool, device=layer.device).scatter_(1, first, False)
-        rest = torch.nonzero(other)[:, 1].view(n, -1)
-        order = torch.cat([first, rest], dim=1)
-        for name in ("keys", "values"):
-            tensor = getattr(bucket, name)
-            tensor.copy_(tensor.gather(1, order[..., None].expand(-1, -1, d)))
-        bucket.positions.copy_(bucket.positions.gather(1, order))
-        slots.slot_of[rows[:, None], bucket.positions[:, :block].long()] = torch.arange(block, device=layer.device)
-        slots.current = units.contiguous()
-        layer.version += 1  # the slots moved; nothing else addresses them (a later store bumps it again)
-        slots.version = layer.version
-        return True
+        return self._row_layout(layer, slots)  # needs contiguous storage (the unit-slot views do too)
 
     def before_attention(self, layer, queries: torch.Tensor) -> None:
         """Refill ``layer``'s dynamic slots for this step's ``queries (B, Hq, q, D)``: unit by unit in
@@ -363,13 +343,13 @@ class DynamicRetrieval:
         grouped = queries.reshape(b * n_kv, (hq // n_kv) * q, d)
         if not slots.every_row:
             grouped = grouped[slots.seq_ids]
-        if slots.native and self._refill_native(layer, slots, grouped):
-            pass
-        elif slots.blocks:
-            slots.native = False  # the torch path replaces ``resident``: the C call's pointers are stale
-            self._swap_blocks(layer, slots, choose(slots, grouped, self.settings.stick))
-        else:
-            self._swap(layer, slots, choose(slots, grouped, self.settings.stick))
+        if not (slots.native and self._refill_native(layer, slots, grouped)):
+            chosen = choose(slots, grouped, self.settings.stick)
+            if slots.blocks:
+                slots.native = False  # the torch path replaces ``resident``: the C call's pointers are stale
+                self._swap_blocks(layer, slots, chosen)
+            else:
+                self._swap(layer, slots, chosen)
         self.counters.refreshes += 1
         self.counters.select_s += time.perf_counter() - start
 
@@ -423,11 +403,12 @@ class DynamicRetrieval:
         return True
 
     def _row_layout(self, layer, slots: LayerSlots) -> bool:
-        """Unit slots for any layout of plain buckets (ragged batches, several buckets): each
-        sequence's dynamic units move, unit by unit, to storage slots ``[0, count * unit)`` of its own
-        row (the other entries keep their relative order after them), for the C refill to address
-        as ``row start + k * unit`` (there is no PyTorch block path for this layout: its reference is
-        the token-by-token ``_swap`` on the unmoved layout, tests/test_native.py)."""
+        """Unit slots for any layout of plain buckets: each sequence's dynamic units move, unit by unit
+        in ascending order, to storage slots ``[0, count * unit)`` of its own row (the other entries
+        keep their relative order after them); ``current`` records the unit in each unit slot. The
+        block layout is this on one uniform bucket (``_layout``); for ragged batches or several
+        buckets only the C refill addresses it (as ``row start + k * unit``; its reference there is the
+        token-by-token ``_swap`` on the unmoved layout, tests/test_native.py)."""
         if any(b.window is not None or not all(t.is_contiguous() for t in (b.keys, b.values, b.positions))
                or b.positions.dtype != torch.int32 for b in layer.buckets):
             return False

@@ -89,11 +89,9 @@ class MemoryTier(Tier):
         """Copy blocks of ``group`` consecutive entries of ``layer``, numbered ``row * T / group + block``
         by ``flat (m,)``, into ``keys_out/values_out (m, group * D)`` (contiguous, same device and
         dtype as the tier; ``T`` a multiple of ``group``)."""
-        keys, values = self.layers[layer]
-        n, length, dim = keys.shape
-        blocks = n * length // group
-        torch.index_select(keys.view(blocks, group * dim), 0, flat, out=keys_out)
-        torch.index_select(values.view(blocks, group * dim), 0, flat, out=values_out)
+        keys, values = self.blocks(layer, group)
+        torch.index_select(keys, 0, flat, out=keys_out)
+        torch.index_select(values, 0, flat, out=values_out)
 
     def gather(self, layer: int, rows: torch.Tensor, positions: torch.Tensor):
         """``rows (m,)`` into the stored ``n``, ``positions (m, k)`` -> keys, values ``(m, k, D)`` on this
