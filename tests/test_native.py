@@ -98,7 +98,7 @@ def test_native_refill_of_ragged_rows_matches_the_token_swap(index, lengths):
 def test_native_refill_holds_the_top_pages_of_a_constructed_query():
     """Rank = D sketch (exact scores), one query that points at three known pages: after one refill
     the dynamic slots hold exactly those pages, copied bit-exact from the tier."""
-    from heterocache.methods.heterocache.dynamic import LayerSlots, choose, key_sketch
+    from heterocache.methods.heterocache.dynamic import LayerSlots, choose, key_sketch, to_blocks
 
     gen = torch.Generator().manual_seed(1)
     n, pages, page, d, width = 2, 12, 4, 8, 3
@@ -137,11 +137,15 @@ def test_native_refill_holds_the_top_pages_of_a_constructed_query():
     seq_bucket, seq_row = torch.zeros(n, dtype=torch.long), torch.arange(n)
     buckets = (ctypes.c_int64 * 4)(bucket_keys.data_ptr(), bucket_values.data_ptr(), bucket_positions.data_ptr(),
                                    capacity)
-    moved = native.refill_library().hc_refill(
-        n, 1, d, d, pages, page, queries.data_ptr(), fast.basis.data_ptr(), None, 1.0, summaries.data_ptr(), 0,
-        fast.base.data_ptr(), 0.0, 0, fast.resident.data_ptr(), width, counts.data_ptr(), fast.current.data_ptr(),
-        keys.data_ptr(), values.data_ptr(), d * 4, positions.data_ptr(), page, seq_bucket.data_ptr(),
-        seq_row.data_ptr(), buckets)
+    blocks = to_blocks(summaries, page, native.refill_library().hc_block())  # the C routine's index layout
+    job = native.RefillJob(
+        n=n, rows=1, dim=d, channels=d, pages=pages, group=page, queries=queries.data_ptr(),
+        qmat=fast.basis.data_ptr(), alpha=1.0, summaries=blocks.data_ptr(), summary_int8=0,
+        base=fast.base.data_ptr(), stick=0.0, page_lse=0, resident=fast.resident.data_ptr(), width=width,
+        counts=counts.data_ptr(), current=fast.current.data_ptr(), tier_keys=keys.data_ptr(),
+        tier_values=values.data_ptr(), token_bytes=d * 4, page_positions=positions.data_ptr(), unit=page,
+        seq_bucket=seq_bucket.data_ptr(), seq_row=seq_row.data_ptr(), nbuckets=1, buckets=ctypes.addressof(buckets))
+    moved = native.refill_library().hc_refill(ctypes.byref(job))
     assert moved == 2 * width - 1  # page 5 of row 1 was resident already: it stays in its slot
     assert fast.current[1, 2] == 5
     for row, wanted in enumerate(targets):
@@ -188,3 +192,125 @@ def test_without_the_library_auto_falls_back_and_native_says_why(monkeypatch):
     assert torch.equal(logits["auto"], logits["torch"])
     with pytest.raises(ValueError, match="refill='native' cannot be used here: disabled by HETEROCACHE_NATIVE=0"):
         _decode(model, ids[:1], 2, refill="native")
+
+
+def _random_refill(library, rows: int, pages: int, int8: bool, lse: bool, seed: int):
+    """One C refill on a random sketch index (``pages`` pages of 8 tokens, rank 16, 3 sequences)
+    against ``choose``: the same pages wanted per sequence, each incoming page copied bit-exact into a
+    freed unit slot."""
+    from heterocache.methods.heterocache.dynamic import LayerSlots, choose, to_blocks
+
+    gen = torch.Generator().manual_seed(seed)
+    n, d, rank, page, width = 3, 32, 16, 8, max(2, pages // 5)
+    queries = torch.randn(n, rows, d, generator=gen)
+    basis = torch.randn(n, d, rank, generator=gen) / d ** 0.5
+    if int8:
+        summaries = torch.randint(-127, 128, (n, rank, page * pages), dtype=torch.int8, generator=gen)
+        scale = torch.rand(n, 1, rank, generator=gen) * 0.02 + 0.01
+    else:
+        summaries, scale = torch.randn(n, rank, page * pages, generator=gen), None
+    base = torch.zeros(n, pages)
+    base[:, 1] = float("-inf")  # a padding page is never chosen
+    resident = torch.zeros(n, pages, dtype=torch.bool)
+    current = torch.stack([torch.randperm(pages - 2, generator=gen)[:width] + 2 for _ in range(n)])
+    resident.scatter_(1, current, True)
+    keys = torch.randn(n * pages, page * d, generator=gen)
+    values = torch.randn(n * pages, page * d, generator=gen)
+    positions = torch.arange(n * pages * page).view(n, pages, page)
+    capacity = width * page + 5
+    storage = [torch.zeros(n, capacity, d), torch.zeros(n, capacity, d), torch.full((n, capacity), -1, dtype=torch.int32)]
+    common = dict(seq=list(range(n)), counts=torch.full((n,), width), width=width, basis=basis, scaling=1.0,
+                  base=base, length=pages * page, unit=page, page_positions=positions, channel_scale=scale,
+                  page_lse=lse)
+    reference = LayerSlots(resident=resident.clone(), summaries=summaries, **common)
+    wanted = [sorted(r) for r in choose(reference, queries, 0.0).tolist()]
+    fast = LayerSlots(resident=resident.clone(), summaries=summaries, current=current.clone(), **common)
+    counts = torch.full((n,), width)
+    seq_bucket, seq_row = torch.zeros(n, dtype=torch.long), torch.arange(n)
+    buckets = (ctypes.c_int64 * 4)(*[t.data_ptr() for t in storage], capacity)
+    blocks = to_blocks(summaries, page, library.hc_block())
+    job = native.RefillJob(
+        n=n, rows=rows, dim=d, channels=rank, pages=pages, group=page, queries=queries.data_ptr(),
+        qmat=basis.data_ptr(), qscale=None if scale is None else scale.data_ptr(), alpha=1.0,
+        summaries=blocks.data_ptr(), summary_int8=int(int8), base=base.data_ptr(), stick=0.0, page_lse=int(lse),
+        resident=fast.resident.data_ptr(), width=width, counts=counts.data_ptr(), current=fast.current.data_ptr(),
+        tier_keys=keys.data_ptr(), tier_values=values.data_ptr(), token_bytes=d * 4, page_positions=positions.data_ptr(),
+        unit=page, seq_bucket=seq_bucket.data_ptr(), seq_row=seq_row.data_ptr(), nbuckets=1,
+        buckets=ctypes.addressof(buckets))
+    moved = library.hc_refill(ctypes.byref(job))
+    incoming = [sorted(set(w) - set(torch.nonzero(resident[i]).flatten().tolist())) for i, w in enumerate(wanted)]
+    assert moved == sum(len(x) for x in incoming) > 0
+    for i in range(n):
+        assert torch.nonzero(fast.resident[i]).flatten().tolist() == wanted[i]
+        assert sorted(fast.current[i].tolist()) == wanted[i]
+        for slot, p in enumerate(fast.current[i].tolist()):
+            if p in incoming[i]:
+                block = slice(slot * page, (slot + 1) * page)
+                assert torch.equal(storage[0][i, block].reshape(-1), keys[i * pages + p])
+                assert torch.equal(storage[1][i, block].reshape(-1), values[i * pages + p])
+                assert storage[2][i, block].tolist() == positions[i, p].tolist()
+
+
+@pytest.mark.parametrize("kernel", ["default", "portable"])
+@pytest.mark.parametrize("rows,pages,int8,lse", [(3, 200, True, True), (3, 200, True, False), (1, 77, False, True),
+                                                  (5, 130, False, False), (4, 64, True, True), (2, 13, True, True)])
+def test_native_scoring_kernels_match_choose_on_random_indexes(kernel, rows, pages, int8, lse):
+    """Both scoring kernels (AVX2 where the CPU has it, and the portable loops: ``-DHC_PORTABLE``) on
+    several blocks of pages with a partial last block and vector (200 = 3 x 64 + 8, 77, 130, 13 pages),
+    1 to 5 query rows (the 1-4 row kernels, and 5 = 4 + 1), int8 / fp32 index, lse / max."""
+    library = native.refill_library()
+    if kernel == "portable":
+        library = native.library_built_with(native.FLAG_SETS[0] + ["-DHC_PORTABLE"])
+        assert library.hc_kernel() == b"portable"
+    for seed in range(3):
+        _random_refill(library, rows, pages, int8, lse, seed)
+
+
+def test_block_layout_round_trip():
+    from heterocache.methods.heterocache.dynamic import from_blocks, to_blocks
+
+    summaries = torch.randint(-127, 128, (2, 5, 8 * 150), dtype=torch.int8)
+    blocks = to_blocks(summaries, 8, 64)
+    assert blocks.shape == (2, 5 * 8 * 150)  # no padding: the same bytes
+    assert torch.equal(blocks[0, : 8 * 5 * 64].view(8, 5, 64)[3, 2], summaries[0, 2, 3 * 150: 3 * 150 + 64])
+    assert torch.equal(from_blocks(blocks, 5, 8, 64), summaries)
+
+
+@pytest.mark.parametrize("kernel", ["default", "portable"])
+def test_native_selection_breaks_exact_ties_by_lower_page(kernel):
+    """Small-integer pages index and queries: every score is an exact integer in both C and PyTorch, so
+    many pages tie at the cut; the C selection takes the best scores, ties to the lower page (the order
+    of a stable descending sort), through every radix pass."""
+    from heterocache.methods.heterocache.dynamic import LayerSlots, to_blocks, unit_scores
+
+    library = native.refill_library() if kernel == "default" else native.library_built_with(
+        native.FLAG_SETS[0] + ["-DHC_PORTABLE"])
+    gen = torch.Generator().manual_seed(5)
+    n, rows, d, pages, width = 3, 3, 16, 300, 70
+    queries = torch.randint(-1, 2, (n, rows, d), generator=gen).float()
+    summaries = torch.randint(-2, 3, (n, d, pages), generator=gen).float()
+    base = torch.zeros(n, pages)
+    resident = torch.zeros(n, pages, dtype=torch.bool)
+    resident[:, :width] = True
+    slots = LayerSlots(seq=[0, 1, 2], resident=resident.clone(), counts=torch.full((n,), width), width=width,
+                       summaries=summaries, basis=None, scaling=1.0, base=base, length=pages, unit=1,
+                       page_positions=torch.arange(n * pages).view(n, pages, 1), current=torch.arange(width).repeat(n, 1))
+    score = unit_scores(slots, queries, 0.0)
+    assert len(set(score[0].tolist())) < pages // 10  # ties everywhere
+    wanted = [sorted(torch.sort(s, descending=True, stable=True).indices[:width].tolist()) for s in score]
+    cut = [s.sort(descending=True).values[width - 1] for s in score]
+    assert all(int((s == c).sum()) > 1 for s, c in zip(score, cut))  # a tie straddles the cut
+    storage = [torch.zeros(n, width, d), torch.zeros(n, width, d), torch.zeros(n, width, dtype=torch.int32)]
+    tier = torch.randn(n * pages, d, generator=gen)
+    counts, seq_bucket, seq_row = torch.full((n,), width), torch.zeros(n, dtype=torch.long), torch.arange(n)
+    buckets = (ctypes.c_int64 * 4)(*[t.data_ptr() for t in storage], width)
+    blocks = to_blocks(summaries, 1, library.hc_block())
+    job = native.RefillJob(
+        n=n, rows=rows, dim=d, channels=d, pages=pages, group=1, queries=queries.data_ptr(), alpha=1.0,
+        summaries=blocks.data_ptr(), summary_int8=0, base=base.data_ptr(), stick=0.0, page_lse=1,
+        resident=slots.resident.data_ptr(), width=width, counts=counts.data_ptr(), current=slots.current.data_ptr(),
+        tier_keys=tier.data_ptr(), tier_values=tier.data_ptr(), token_bytes=d * 4,
+        page_positions=slots.page_positions.data_ptr(), unit=1, seq_bucket=seq_bucket.data_ptr(),
+        seq_row=seq_row.data_ptr(), nbuckets=1, buckets=ctypes.addressof(buckets))
+    assert library.hc_refill(ctypes.byref(job)) > 0
+    assert [torch.nonzero(r).flatten().tolist() for r in slots.resident] == wanted

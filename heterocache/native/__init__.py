@@ -24,6 +24,21 @@ SOURCE = Path(__file__).with_name("refill.c")
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"], ["-O3", "-march=native", "-fPIC", "-shared"],
              ["-O3", "-fPIC", "-shared"])
 
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+
+
+class RefillJob(ctypes.Structure):
+    """The argument of ``hc_refill`` (``hc_job`` in refill.c, field for field; every field 8 bytes)."""
+
+    _fields_ = [("n", _I), ("rows", _I), ("dim", _I), ("channels", _I), ("pages", _I), ("group", _I),
+                ("queries", _P), ("qmat", _P), ("qscale", _P), ("alpha", _F),
+                ("summaries", _P), ("summary_int8", _I), ("base", _P), ("stick", _F), ("page_lse", _I),
+                ("resident", _P), ("width", _I), ("counts", _P), ("current", _P),
+                ("tier_keys", _P), ("tier_values", _P), ("token_bytes", _I), ("page_positions", _P), ("unit", _I),
+                ("seq_bucket", _P), ("seq_row", _P),
+                ("nbuckets", _I), ("buckets", _P)]  # 4 x nbuckets: keys, values, positions addresses; capacities
+
+
 _library: ctypes.CDLL | None = None
 _reason: str | None = None
 _tried = False
@@ -42,10 +57,10 @@ def _cpu_tag() -> str:
     return f"{platform.machine()}|{platform.processor()}|{model}"
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, flag_sets=FLAG_SETS) -> Path:
     source = SOURCE.read_bytes()
     errors = []
-    for flags in FLAG_SETS:
+    for flags in flag_sets:
         digest = hashlib.sha256(source + " ".join([compiler, *flags]).encode() + _cpu_tag().encode()).hexdigest()[:16]
         target = cache_dir() / digest / "libhcrefill.so"
         if target.exists():
@@ -62,6 +77,21 @@ def _build(compiler: str) -> Path:
     raise OSError("; ".join(errors))
 
 
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    library = ctypes.CDLL(str(path))
+    library.hc_refill.restype = ctypes.c_int64
+    library.hc_refill.argtypes = [ctypes.POINTER(RefillJob)]
+    library.hc_block.restype = ctypes.c_int64
+    library.hc_block.argtypes = []
+    library.hc_kernel.restype = ctypes.c_char_p  # "avx2" or "portable": which scoring kernel was compiled
+    library.hc_kernel.argtypes = []
+    return library
+
+
 def refill_library() -> ctypes.CDLL | None:
     """The compiled ``refill.c`` (built once per machine), or None when it cannot be built or loaded."""
     global _library, _reason, _tried
@@ -71,26 +101,25 @@ def refill_library() -> ctypes.CDLL | None:
     if os.environ.get("HETEROCACHE_NATIVE", "1") == "0":
         _reason = "disabled by HETEROCACHE_NATIVE=0"
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    compiler = _compiler()
     if compiler is None:
         _reason = "no C compiler found (set CC, or install gcc)"
         return None
     try:
-        library = ctypes.CDLL(str(_build(compiler)))
+        _library = _load(_build(compiler))
     except OSError as err:
         _reason = f"could not build or load {SOURCE.name}: {err}"
         return None
-    function = library.hc_refill
-    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
-    function.restype = i64
-    function.argtypes = [i64, i64, i64, i64, i64, i64,  # n, rows, dim, channels, pages, group
-                         p, p, p, f32,  # queries, qmat, qscale, alpha
-                         p, i32, p, f32, i32,  # summaries, summary_int8, base, stick, page_lse
-                         p, i64, p, p,  # resident, width, counts, current
-                         p, p, i64, p, i64,  # tier keys / values, token_bytes, page_positions, unit
-                         p, p, p]  # seq_bucket, seq_row, buckets (keys, values, positions, capacity per bucket)
-    _library = library
-    return library
+    return _library
+
+
+def library_built_with(flags: list[str]) -> ctypes.CDLL:
+    """``refill.c`` built with exactly ``flags`` (tests: e.g. ``-DHC_PORTABLE`` for the portable scoring
+    kernel on a machine whose default build uses AVX2); raises OSError when it cannot be built."""
+    compiler = _compiler()
+    if compiler is None:
+        raise OSError("no C compiler found (set CC, or install gcc)")
+    return _load(_build(compiler, [flags]))
 
 
 def unavailable_reason() -> str | None:

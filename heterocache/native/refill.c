@@ -1,4 +1,4 @@
-/* Fused CPU refill of HeteroCache's dynamic slots in the block layout (one call per layer and step).
+/* Fused CPU refill of HeteroCache's dynamic slots (one call per layer and decode step).
  *
  * Same result as the PyTorch path in heterocache/methods/heterocache/dynamic.py (``unit_scores`` +
  * ``choose`` + ``DynamicRetrieval._swap_blocks`` with a same-memory tier), which is its reference in
@@ -6,17 +6,28 @@
  *
  *   qp[r, c]    = alpha * (sum_d q[r, d] * qmat[d, c]) * qscale[c]      (qmat NULL: q[r, c] itself)
  *   t[r, g, p]  = sum_c qp[r, c] * summary[c, g * P + p]       (token g of page p)
+ *
+ * (the summaries in the block layout the Python side gives them: per sequence, each block of BLOCK
+ * pages as ``[g][c][k]`` (``summary[c, g * P + b * BLOCK + k]``), the last block of ``nb`` <= BLOCK
+ * pages likewise with ``nb`` for BLOCK; the C x G x P entries of a sequence in all, so every scoring
+ * task reads one contiguous run, which the hardware prefetcher streams)
  *   bound[r, p] = base[p] + logsumexp_{g < G} t[r, g, p]     (``page_lse``; else max_{g < G})
  *   score[p]    = max_r (bound[r, p] - max(max_p' bound[r, p'], -1e30)) + stick * resident[p]
  *
- * The ``counts[i]`` best pages of sequence i are wanted; each wanted page that is not resident is
- * copied, as one block of ``unit`` tokens, from the tier into the unit slot of a resident page that
- * is not wanted any more (k-th incoming page of a sequence into its k-th freed slot, both in
- * ascending order). Unit slot k of sequence i = storage slots [k * unit, (k + 1) * unit) of row
- * ``seq_row[i]`` of bucket ``seq_bucket[i]``, whose keys / values / int32 positions start at the
- * addresses ``bucket_keys[b]`` / ``bucket_values[b]`` / ``bucket_positions[b]`` with
- * ``bucket_capacity[b]`` slots per row. Updates ``resident``, ``current`` and the storage in place;
- * returns the number of pages moved (-1 when a sequence's sets do not pair up, -2 out of memory).
+ * The ``counts[i]`` best pages of sequence i are wanted (descending score, then ascending page: ties
+ * go to the lower page); each wanted page that is not resident is copied, as one block of ``unit``
+ * tokens, from the tier into the unit slot of a resident page that is not wanted any more (k-th
+ * incoming page of a sequence into its k-th freed slot, both in ascending order). Unit slot k of
+ * sequence i = storage slots [k * unit, (k + 1) * unit) of row ``seq_row[i]`` of bucket
+ * ``seq_bucket[i]``, whose keys / values / int32 positions start at the addresses in ``buckets``.
+ * Updates ``resident``, ``current`` and the storage in place; returns the number of pages moved (-1
+ * when a sequence's sets do not pair up, -2 out of memory).
+ *
+ * Three parallel phases (OpenMP, torch's own runtime): (A) the page bounds, one task per block of
+ * BLOCK pages of every sequence, each block's token logits computed in registers and reduced in L1;
+ * (B) per sequence: the scores, a radix selection of the best pages, the pairing of incoming pages
+ * with freed slots; (C) the page copies, one task per page moved. Tasks are spread evenly, so a few
+ * sequences (batch 1: one per KV head) still keep every thread busy.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -24,7 +35,30 @@
 #include <math.h>
 #include <stddef.h>
 
-typedef struct { float score; int32_t page; } entry;
+#define BLOCK 64 /* pages per scoring task (a multiple of 8) */
+
+/* The job, filled by heterocache/native/__init__.py (``RefillJob``; every field 8 bytes). */
+typedef struct {
+    int64_t n, rows, dim, channels, pages, group;
+    const float *queries, *qmat, *qscale;
+    double alpha;
+    const void *summaries;
+    int64_t summary_int8;
+    const float *base;
+    double stick;
+    int64_t page_lse;
+    uint8_t *resident;
+    int64_t width; /* row stride of ``current`` (the largest count) */
+    const int64_t *counts;
+    int64_t *current;
+    const char *tier_keys, *tier_values;
+    int64_t token_bytes;
+    const int64_t *page_positions;
+    int64_t unit;
+    const int64_t *seq_bucket, *seq_row;
+    int64_t nbuckets;
+    const int64_t *buckets; /* 4 x nbuckets: keys, values, positions addresses, then capacities */
+} hc_job;
 
 /* exp(x) for x <= 0 and log(x) for x >= 1 as branch-free polynomials that vectorise (Cephes'
  * single-precision coefficients: ~1 ulp, like torch's exp / log) */
@@ -76,214 +110,415 @@ static inline float log_atleast1(float x) {
 /* max without libm's fmaxf call (scores are never NaN) */
 static inline float maxf(float a, float b) { return a > b ? a : b; }
 
-/* acc[r][t] += sum_c w[r][c] * row_c[t] for NR query rows at once (each summary entry is widened to
- * float once for all of them), over ``channels`` rows of ``length`` entries, 2 channels per pass */
-#define ROWS_KERNEL(TYPE, NR)                                                                        \
-    static void rows_##TYPE##_##NR(float *restrict acc, const TYPE *restrict s, const float *w,       \
-                                   int64_t wstride, int64_t channels, int64_t length) {              \
-        int64_t c = 0;                                                                               \
-        for (; c + 2 <= channels; c += 2) {                                                          \
-            float a[NR], b[NR];                                                                      \
-            for (int r = 0; r < NR; r++) { a[r] = w[r * wstride + c]; b[r] = w[r * wstride + c + 1]; } \
-            const TYPE *restrict r0 = s + c * length, *restrict r1 = r0 + length;                    \
-            for (int64_t t = 0; t < length; t++) {                                                   \
-                const float x = (float)r0[t], y = (float)r1[t];                                      \
-                for (int r = 0; r < NR; r++) acc[r * length + t] += a[r] * x + b[r] * y;             \
-            }                                                                                        \
-        }                                                                                            \
-        for (; c < channels; c++) {                                                                  \
-            const TYPE *restrict r0 = s + c * length;                                                \
-            for (int64_t t = 0; t < length; t++) {                                                   \
-                const float x = (float)r0[t];                                                        \
-                for (int r = 0; r < NR; r++) acc[r * length + t] += w[r * wstride + c] * x;          \
-            }                                                                                        \
-        }                                                                                            \
+/* out[(r * G + g) * BLOCK + k] = t[r0 + r, g, p0 + k] for the BLOCK pages of one block (``s``: its
+ * summaries, ``[g][c][k]``) and NR query rows at once: each summary entry is widened once for all of
+ * them. Portable version: loops the compiler vectorises; with AVX2, explicit vectors whose
+ * accumulators stay in registers. */
+#define LOGITS(TYPE, NR)                                                                                    \
+    static void portable_##TYPE##_##NR(float *restrict out, const TYPE *restrict s, const float *restrict qp, \
+                                       int64_t channels, int64_t group, int64_t nb) {                       \
+        for (int64_t g = 0; g < group; g++) {                                                               \
+            float acc[NR][BLOCK];                                                                           \
+            for (int r = 0; r < NR; r++)                                                                    \
+                for (int64_t p = 0; p < BLOCK; p++) acc[r][p] = 0.0f;                                       \
+            for (int64_t c = 0; c < channels; c++) {                                                        \
+                const TYPE *restrict row = s + (g * channels + c) * nb;                                     \
+                float w[NR];                                                                                \
+                for (int r = 0; r < NR; r++) w[r] = qp[r * channels + c];                                   \
+                for (int64_t p = 0; p < nb; p++) {                                                          \
+                    const float x = (float)row[p];                                                          \
+                    for (int r = 0; r < NR; r++) acc[r][p] += w[r] * x;                                     \
+                }                                                                                           \
+            }                                                                                               \
+            for (int r = 0; r < NR; r++) memcpy(out + (r * group + g) * BLOCK, acc[r], sizeof(float) * BLOCK); \
+        }                                                                                                   \
     }
-#define ROWS_KERNELS(TYPE) ROWS_KERNEL(TYPE, 1) ROWS_KERNEL(TYPE, 2) ROWS_KERNEL(TYPE, 3) ROWS_KERNEL(TYPE, 4)
-ROWS_KERNELS(int8_t)
-ROWS_KERNELS(float)
+#define LOGITS_ALL(TYPE) LOGITS(TYPE, 1) LOGITS(TYPE, 2) LOGITS(TYPE, 3) LOGITS(TYPE, 4)
 
-/* acc (rows, length) = w (rows, channels) @ s (channels, length), 4 query rows per sweep */
-static void scores(float *acc, const void *s, int is_int8, const float *w, int64_t rows, int64_t channels,
-                   int64_t length) {
-    memset(acc, 0, sizeof(float) * (size_t)(rows * length));
+#if defined(__AVX2__) && defined(__FMA__) && !defined(HC_PORTABLE)
+#define HC_AVX2 1
+#include <immintrin.h>
+static inline __m256 load8_int8_t(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+static inline __m256 load8_float(const float *p) { return _mm256_loadu_ps(p); }
+
+/* 16 pages a pass (2 vectors sharing the row weights, accumulators in registers), then 8; a last
+ * partial vector is read from a zero-padded copy (never past the run) */
+#define VECTOR(TYPE, NR)                                                                                    \
+    static void avx2_##TYPE##_##NR(float *out, const TYPE *s, const float *qp, int64_t channels, int64_t group, \
+                                   int64_t nb) {                                                            \
+        for (int64_t g = 0; g < group; g++) {                                                               \
+            const TYPE *base = s + g * channels * nb;                                                       \
+            float *o = out + g * BLOCK;                                                                     \
+            int64_t v = 0;                                                                                  \
+            for (; v + 16 <= nb; v += 16) {                                                                 \
+                __m256 a[NR], b[NR];                                                                        \
+                for (int r = 0; r < NR; r++) a[r] = b[r] = _mm256_setzero_ps();                             \
+                for (int64_t c = 0; c < channels; c++) {                                                    \
+                    const __m256 x = load8_##TYPE(base + c * nb + v);                                       \
+                    const __m256 y = load8_##TYPE(base + c * nb + v + 8);                                   \
+                    for (int r = 0; r < NR; r++) {                                                          \
+                        const __m256 w = _mm256_broadcast_ss(qp + r * channels + c);                        \
+                        a[r] = _mm256_fmadd_ps(w, x, a[r]);                                                 \
+                        b[r] = _mm256_fmadd_ps(w, y, b[r]);                                                 \
+                    }                                                                                       \
+                }                                                                                           \
+                for (int r = 0; r < NR; r++) {                                                              \
+                    _mm256_storeu_ps(o + r * group * BLOCK + v, a[r]);                                      \
+                    _mm256_storeu_ps(o + r * group * BLOCK + v + 8, b[r]);                                  \
+                }                                                                                           \
+            }                                                                                               \
+            for (; v < nb; v += 8) {                                                                        \
+                __m256 a[NR];                                                                               \
+                for (int r = 0; r < NR; r++) a[r] = _mm256_setzero_ps();                                    \
+                for (int64_t c = 0; c < channels; c++) {                                                    \
+                    __m256 x;                                                                               \
+                    if (v + 8 <= nb) {                                                                      \
+                        x = load8_##TYPE(base + c * nb + v);                                                \
+                    } else {                                                                                \
+                        TYPE pad[8] = {0};                                                                  \
+                        memcpy(pad, base + c * nb + v, sizeof(TYPE) * (size_t)(nb - v));                    \
+                        x = load8_##TYPE(pad);                                                              \
+                    }                                                                                       \
+                    for (int r = 0; r < NR; r++)                                                            \
+                        a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(qp + r * channels + c), x, a[r]);        \
+                }                                                                                           \
+                for (int r = 0; r < NR; r++) _mm256_storeu_ps(o + r * group * BLOCK + v, a[r]);             \
+            }                                                                                               \
+        }                                                                                                   \
+    }
+#define VECTOR_ALL(TYPE) VECTOR(TYPE, 1) VECTOR(TYPE, 2) VECTOR(TYPE, 3) VECTOR(TYPE, 4)
+VECTOR_ALL(int8_t)
+VECTOR_ALL(float)
+#define KERNEL(TYPE, NR) avx2_##TYPE##_##NR
+#define KERNEL_NAME "avx2"
+#else
+LOGITS_ALL(int8_t)
+LOGITS_ALL(float)
+#define KERNEL(TYPE, NR) portable_##TYPE##_##NR
+#define KERNEL_NAME "portable"
+#endif
+
+/* o[p] = b[p] + logsumexp_g t[g * BLOCK + p] (``lse``; else max_g) for p in [from, to); returns
+ * max(best, o[from..to)) where best is the maximum of o[0..from) (or -inf) */
+static float page_bounds(const float *t, int64_t group, int lse, const float *b, float *o, int64_t from, int64_t to) {
+    float best = -INFINITY;
+    for (int64_t p = 0; p < from; p++) best = maxf(best, o[p]);
+    for (int64_t p = from; p < to; p++) {
+        float m = t[p];
+        for (int64_t g = 1; g < group; g++) m = maxf(m, t[g * BLOCK + p]);
+        if (lse) { /* max + log sum exp(t - max) */
+            float sum = 0.0f;
+            for (int64_t g = 0; g < group; g++) sum += exp_nonpositive(t[g * BLOCK + p] - m);
+            m += log_atleast1(sum);
+        }
+        o[p] = m + b[p];
+        best = maxf(best, o[p]);
+    }
+    return best;
+}
+
+#if defined(HC_AVX2)
+/* exp_nonpositive and log_atleast1 on 8 lanes (the same steps and coefficients) */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256i whole = _mm256_sub_epi32(
+        _mm256_cvttps_epi32(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(128.5f))),
+        _mm256_set1_epi32(128));
+    const __m256 n = _mm256_cvtepi32_ps(whole);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), x);
+    const __m256 z = _mm256_mul_ps(x, x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, z, x), _mm256_set1_ps(1.0f));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(whole, _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+}
+
+static inline __m256 log8(__m256 x) {
+    __m256i bits = _mm256_castps_si256(x);
+    const __m256i e = _mm256_srai_epi32(_mm256_sub_epi32(bits, _mm256_set1_epi32(0x3f3504f3)), 23);
+    bits = _mm256_sub_epi32(bits, _mm256_slli_epi32(e, 23));
+    const __m256 m = _mm256_sub_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(1.0f));
+    const __m256 fe = _mm256_cvtepi32_ps(e), z = _mm256_mul_ps(m, m);
+    __m256 y = _mm256_set1_ps(7.0376836292e-2f);
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.1514610310e-1f));
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(1.1676998740e-1f));
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.2420140846e-1f));
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(1.4249322787e-1f));
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.6668057665e-1f));
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(2.0000714765e-1f));
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-2.4999993993e-1f));
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(3.3333331174e-1f));
+    y = _mm256_mul_ps(_mm256_mul_ps(y, m), z);
+    y = _mm256_fmadd_ps(fe, _mm256_set1_ps(-2.12194440e-4f), y);
+    y = _mm256_fmadd_ps(z, _mm256_set1_ps(-0.5f), y);
+    return _mm256_fmadd_ps(fe, _mm256_set1_ps(0.693359375f), _mm256_add_ps(m, y));
+}
+
+/* page_bounds on whole vectors of 8 pages from 0; returns where it stopped */
+static int64_t avx2_bounds(const float *t, int64_t group, int lse, const float *b, float *o, int64_t nb) {
+    int64_t p = 0;
+    for (; p + 8 <= nb; p += 8) {
+        __m256 m = _mm256_loadu_ps(t + p);
+        for (int64_t g = 1; g < group; g++) m = _mm256_max_ps(m, _mm256_loadu_ps(t + g * BLOCK + p));
+        if (lse) {
+            __m256 sum = _mm256_setzero_ps();
+            for (int64_t g = 0; g < group; g++)
+                sum = _mm256_add_ps(sum, exp8(_mm256_sub_ps(_mm256_loadu_ps(t + g * BLOCK + p), m)));
+            m = _mm256_add_ps(m, log8(sum));
+        }
+        _mm256_storeu_ps(o + p, _mm256_add_ps(m, _mm256_loadu_ps(b + p)));
+    }
+    return p;
+}
+#define VECTOR_BOUNDS(t, group, lse, b, o, nb) avx2_bounds(t, group, lse, b, o, nb)
+#else
+#define VECTOR_BOUNDS(t, group, lse, b, o, nb) 0
+#endif
+
+/* which logits kernel this build uses (tests run both), and the block layout's pages per block */
+const char *hc_kernel(void) { return KERNEL_NAME; }
+int64_t hc_block(void) { return BLOCK; }
+
+/* ask for the summaries of block ``block`` of sequence i ahead of use */
+static void prefetch_block(const hc_job *J, int64_t i, int64_t block) {
+    const int64_t pages = J->pages, p0 = block * BLOCK, nb = pages - p0 < BLOCK ? pages - p0 : BLOCK;
+    const int64_t element = J->summary_int8 ? 1 : (int64_t)sizeof(float), row = J->group * J->channels * element;
+    const char *s = (const char *)J->summaries + (i * pages + p0) * row;
+    for (int64_t at = 0; at < nb * row; at += 64) __builtin_prefetch(s + at, 0, 3);
+}
+
+/* phase A, one task: bound[r, p0 + k] for k < nb and every query row; returns each row's max in top */
+static void block_bounds(const hc_job *J, int64_t i, const float *qp, float *bound, float *top, float *tokens,
+                         int64_t block) {
+    const int64_t rows = J->rows, channels = J->channels, pages = J->pages, group = J->group;
+    const int64_t p0 = block * BLOCK, nb = pages - p0 < BLOCK ? pages - p0 : BLOCK;
+    const size_t element = J->summary_int8 ? 1 : sizeof(float);
+    const void *s = (const char *)J->summaries + (size_t)((i * pages + p0) * group * channels) * element;
     for (int64_t r = 0; r < rows; r += 4) {
         const int64_t nr = rows - r < 4 ? rows - r : 4;
-        float *a = acc + r * length;
-        const float *wr = w + r * channels;
-        if (is_int8) {
+        float *out = tokens + r * group * BLOCK;
+        const float *w = qp + r * channels;
+        if (J->summary_int8) {
             const int8_t *si = s;
-            if (nr == 1) rows_int8_t_1(a, si, wr, channels, channels, length);
-            else if (nr == 2) rows_int8_t_2(a, si, wr, channels, channels, length);
-            else if (nr == 3) rows_int8_t_3(a, si, wr, channels, channels, length);
-            else rows_int8_t_4(a, si, wr, channels, channels, length);
+            if (nr == 1) KERNEL(int8_t, 1)(out, si, w, channels, group, nb);
+            else if (nr == 2) KERNEL(int8_t, 2)(out, si, w, channels, group, nb);
+            else if (nr == 3) KERNEL(int8_t, 3)(out, si, w, channels, group, nb);
+            else KERNEL(int8_t, 4)(out, si, w, channels, group, nb);
         } else {
             const float *sf = s;
-            if (nr == 1) rows_float_1(a, sf, wr, channels, channels, length);
-            else if (nr == 2) rows_float_2(a, sf, wr, channels, channels, length);
-            else if (nr == 3) rows_float_3(a, sf, wr, channels, channels, length);
-            else rows_float_4(a, sf, wr, channels, channels, length);
+            if (nr == 1) KERNEL(float, 1)(out, sf, w, channels, group, nb);
+            else if (nr == 2) KERNEL(float, 2)(out, sf, w, channels, group, nb);
+            else if (nr == 3) KERNEL(float, 3)(out, sf, w, channels, group, nb);
+            else KERNEL(float, 4)(out, sf, w, channels, group, nb);
         }
+    }
+    const float *b = J->base + i * pages + p0;
+    const int lse = J->page_lse && group > 1;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *t = tokens + r * group * BLOCK;
+        float *o = bound + r * pages + p0;
+        top[r] = page_bounds(t, group, lse, b, o, VECTOR_BOUNDS(t, group, lse, b, o, nb), nb);
     }
 }
 
-/* descending score, then ascending page (a total order: the selection is deterministic) */
-static int better(const entry *a, const entry *b) {
-    return a->score > b->score || (a->score == b->score && a->page < b->page);
+/* a float's order as an unsigned key (larger float, larger key; scores are never NaN) */
+static inline uint32_t order_key(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    return bits & 0x80000000u ? ~bits : bits | 0x80000000u;
 }
 
-static void swap_entries(entry *a, entry *b) { entry t = *a; *a = *b; *b = t; }
-
-/* move the k best entries of e[0..n) to the front (quickselect, any order inside) */
-static void select_best(entry *e, int64_t n, int64_t k) {
-    int64_t lo = 0, hi = n - 1;
-    while (lo < hi) {
-        entry pivot = e[lo + (hi - lo) / 2];
-        int64_t i = lo, j = hi;
-        while (i <= j) {
-            while (better(&e[i], &pivot)) i++;
-            while (better(&pivot, &e[j])) j--;
-            if (i <= j) { swap_entries(&e[i], &e[j]); i++; j--; }
-        }
-        if (k - 1 <= j) hi = j;
-        else if (k - 1 >= i) lo = i;
-        else break;
+/* wanted[p] = 1 for the k best pages (largest key, then lowest page): radix selection, 8 bits a pass */
+static void select_best(const uint32_t *keys, int64_t pages, int64_t k, uint8_t *wanted) {
+    uint32_t prefix = 0, mask = 0;
+    int64_t need = k; /* how many of the pages matching prefix under mask are still to take */
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        int64_t count[256] = {0};
+        for (int64_t p = 0; p < pages; p++)
+            if ((keys[p] & mask) == prefix) count[(keys[p] >> shift) & 255u]++;
+        int bin = 255;
+        for (; bin > 0 && count[bin] < need; bin--) need -= count[bin];
+        prefix |= (uint32_t)bin << shift;
+        mask |= 255u << shift;
+    }
+    /* every key above the threshold ``prefix``, then the first ``need`` equal to it */
+    for (int64_t p = 0; p < pages; p++) {
+        const int take = keys[p] > prefix || (keys[p] == prefix && need > 0);
+        need -= keys[p] == prefix && need > 0;
+        wanted[p] = (uint8_t)take;
     }
 }
 
-typedef struct {
-    int64_t n, rows, dim, channels, pages, group;
-    const float *queries, *qmat, *qscale;
-    float alpha;
-    const void *summaries;
-    int32_t summary_int8;
-    const float *base;
-    float stick;
-    int32_t page_lse;
-    uint8_t *resident;
-    int64_t width;  /* row stride of ``current`` (the largest count) */
-    const int64_t *counts;
-    int64_t *current;
-    const char *tier_keys, *tier_values;
-    int64_t token_bytes;
-    const int64_t *page_positions;
-    int64_t unit;
-    const int64_t *seq_bucket, *seq_row, *bucket_keys, *bucket_values, *bucket_positions, *bucket_capacity;
-} job;
+typedef struct { int64_t seq, slot, page; } move;
 
-/* one sequence: pages moved, -1 when its sets do not pair up, -2 out of memory */
-static int64_t refill_one(const job *J, int64_t i) {
-    const int64_t rows = J->rows, dim = J->dim, channels = J->channels, pages = J->pages, group = J->group;
-    const int64_t length = pages * group, width = J->counts[i];
+/* phase B, one sequence: choose its pages and pair the incoming ones with freed slots (written to
+ * moves); returns how many, or -1 when the sets do not pair up */
+static int64_t plan(const hc_job *J, int64_t i, const float *bound, const float *tops, int64_t blocks,
+                    uint32_t *keys, uint8_t *wanted, move *moves) {
+    const int64_t rows = J->rows, pages = J->pages, width = J->counts[i];
     if (pages <= 0 || width <= 0) return 0;
-    float *qp = malloc(sizeof(float) * rows * channels);
-    float *acc = malloc(sizeof(float) * rows * length);
-    float *bound = malloc(sizeof(float) * rows * pages);
-    float *sums = malloc(sizeof(float) * pages);
-    entry *order = malloc(sizeof(entry) * pages);
-    uint8_t *wanted = malloc((size_t)pages);
-    int64_t *incoming = malloc(sizeof(int64_t) * (width > 0 ? width : 1));
-    int64_t moved = 0;
-    if (!qp || !acc || !bound || !sums || !order || !wanted || !incoming) { moved = -2; goto done; }
-    const float *q = J->queries + i * rows * dim;
-    const float *b = J->base + i * pages;
     uint8_t *res = J->resident + i * pages;
-    int64_t *cur = J->current + i * J->width;
+    const int64_t *cur = J->current + i * J->width;
+    const float stick = (float)J->stick;
+    float top[rows];
     for (int64_t r = 0; r < rows; r++) {
-        for (int64_t c = 0; c < channels; c++) {
-            float v;
-            if (J->qmat) {
-                const float *m = J->qmat + i * dim * channels + c;
-                v = 0.0f;
-                for (int64_t d = 0; d < dim; d++) v += q[r * dim + d] * m[d * channels];
-            } else {
-                v = q[r * dim + c];
-            }
-            if (J->qscale) v *= J->qscale[i * channels + c];
-            qp[r * channels + c] = J->alpha * v;
-        }
-    }
-    const size_t element = J->summary_int8 ? 1 : sizeof(float);
-    scores(acc, (const char *)J->summaries + (size_t)(i * channels * length) * element, J->summary_int8, qp, rows,
-           channels, length);
-    for (int64_t r = 0; r < rows; r++) {
-        const float *accr = acc + r * length;
-        float top = -INFINITY;
-        float *out = bound + r * pages;
-        for (int64_t p = 0; p < pages; p++) out[p] = accr[p];
-        for (int64_t g = 1; g < group; g++)
-            for (int64_t p = 0; p < pages; p++) out[p] = maxf(out[p], accr[g * pages + p]);
-        if (J->page_lse && group > 1) { /* max + log sum exp(t - max) */
-            for (int64_t p = 0; p < pages; p++) sums[p] = 0.0f;
-            for (int64_t g = 0; g < group; g++)
-                for (int64_t p = 0; p < pages; p++) sums[p] += exp_nonpositive(accr[g * pages + p] - out[p]);
-            for (int64_t p = 0; p < pages; p++) out[p] += log_atleast1(sums[p]);
-        }
-        for (int64_t p = 0; p < pages; p++) {
-            out[p] += b[p];
-            top = maxf(top, out[p]);
-        }
-        if (top < -1e30f) top = -1e30f;
-        for (int64_t p = 0; p < pages; p++) out[p] -= top;
+        float t = -INFINITY;
+        for (int64_t k = 0; k < blocks; k++) t = maxf(t, tops[k * rows + r]);
+        top[r] = t < -1e30f ? -1e30f : t;
     }
     for (int64_t p = 0; p < pages; p++) {
-        float best = bound[p];
-        for (int64_t r = 1; r < rows; r++) best = maxf(best, bound[r * pages + p]);
-        if (J->stick != 0.0f && res[p]) best += J->stick;
-        order[p].score = best;
-        order[p].page = (int32_t)p;
+        float best = bound[p] - top[0];
+        for (int64_t r = 1; r < rows; r++) best = maxf(best, bound[r * pages + p] - top[r]);
+        if (stick != 0.0f && res[p]) best += stick;
+        keys[p] = order_key(best);
     }
-    select_best(order, pages, width);
-    memset(wanted, 0, (size_t)pages);
-    for (int64_t k = 0; k < width; k++) wanted[order[k].page] = 1;
-    int64_t m = 0;
-    for (int64_t p = 0; p < pages; p++)
-        if (wanted[p] && !res[p]) incoming[m++] = p;
-    int64_t used = 0;
-    const int64_t unit = J->unit, token_bytes = J->token_bytes, unit_bytes = unit * token_bytes;
-    const int64_t bucket = J->seq_bucket[i], row_start = J->seq_row[i] * J->bucket_capacity[bucket];
-    char *keys = (char *)(intptr_t)J->bucket_keys[bucket] + row_start * token_bytes;
-    char *values = (char *)(intptr_t)J->bucket_values[bucket] + row_start * token_bytes;
-    int32_t *positions = (int32_t *)(intptr_t)J->bucket_positions[bucket] + row_start;
-    for (int64_t k = 0; k < width && used < m; k++) {
+    select_best(keys, pages, width < pages ? width : pages, wanted);
+    int64_t m = 0, next = 0;
+    for (int64_t k = 0; k < width; k++) {
         if (wanted[cur[k]]) continue;
-        const int64_t p = incoming[used++];
-        const int64_t src = i * pages + p;
-        memcpy(keys + k * unit_bytes, J->tier_keys + src * unit_bytes, (size_t)unit_bytes);
-        memcpy(values + k * unit_bytes, J->tier_values + src * unit_bytes, (size_t)unit_bytes);
-        for (int64_t u = 0; u < unit; u++) positions[k * unit + u] = (int32_t)J->page_positions[src * unit + u];
-        cur[k] = p;
+        while (next < pages && !(wanted[next] && !res[next])) next++;
+        if (next == pages) return -1;
+        moves[m++] = (move){i, k, next++};
     }
-    if (used != m) { moved = -1; goto done; }
-    moved = m;
+    while (next < pages && !(wanted[next] && !res[next])) next++;
+    if (next != pages) return -1; /* an incoming page without a freed slot */
     memcpy(res, wanted, (size_t)pages);
-done:
-    free(qp); free(acc); free(bound); free(sums); free(order); free(wanted); free(incoming);
-    return moved;
+    return m;
 }
 
-int64_t hc_refill(
-    int64_t n, int64_t rows, int64_t dim, int64_t channels, int64_t pages, int64_t group,
-    const float *queries, const float *qmat, const float *qscale, float alpha,
-    const void *summaries, int32_t summary_int8, const float *base, float stick, int32_t page_lse,
-    uint8_t *resident, int64_t width, const int64_t *counts, int64_t *current,
-    const char *tier_keys, const char *tier_values, int64_t token_bytes, const int64_t *page_positions, int64_t unit,
-    const int64_t *seq_bucket, const int64_t *seq_row, const int64_t *buckets)
-{
-    /* buckets: 4 x nb addresses / capacities (keys, values, positions, capacity), see ``job`` */
-    int64_t nb = 0;
-    for (int64_t i = 0; i < n; i++) nb = seq_bucket[i] + 1 > nb ? seq_bucket[i] + 1 : nb;
-    const job J = {n, rows, dim, channels, pages, group, queries, qmat, qscale, alpha, summaries, summary_int8,
-                   base, stick, page_lse, resident, width, counts, current, tier_keys, tier_values, token_bytes, page_positions,
-                   unit, seq_bucket, seq_row, buckets, buckets + nb, buckets + 2 * nb, buckets + 3 * nb};
-    int64_t moved = 0, failed = 0;
-    /* sequences are independent (their own pages, slots and storage rows); with -fopenmp they share
-       the OpenMP runtime torch already loaded (libgomp), so torch.set_num_threads applies */
-#pragma omp parallel for schedule(static) reduction(+ : moved) reduction(min : failed) if (n > 1)
-    for (int64_t i = 0; i < n; i++) {
-        const int64_t one = refill_one(&J, i);
-        if (one < 0) failed = one < failed ? one : failed;
-        else moved += one;
+/* the source and destination of a page copy, ahead of it */
+static void prefetch_page(const hc_job *J, const move *mv) {
+    const int64_t i = mv->seq, unit_bytes = J->unit * J->token_bytes;
+    const int64_t nb = J->nbuckets, bucket = J->seq_bucket[i];
+    const int64_t row_start = J->seq_row[i] * J->buckets[3 * nb + bucket];
+    const char *keys = (const char *)(intptr_t)J->buckets[bucket] + row_start * J->token_bytes + mv->slot * unit_bytes;
+    const char *values = (const char *)(intptr_t)J->buckets[nb + bucket] + row_start * J->token_bytes + mv->slot * unit_bytes;
+    const char *tk = J->tier_keys + (i * J->pages + mv->page) * unit_bytes;
+    const char *tv = J->tier_values + (i * J->pages + mv->page) * unit_bytes;
+    for (int64_t at = 0; at < unit_bytes; at += 64) {
+        __builtin_prefetch(tk + at, 0, 3);
+        __builtin_prefetch(tv + at, 0, 3);
+        __builtin_prefetch(keys + at, 1, 3);
+        __builtin_prefetch(values + at, 1, 3);
     }
-    return failed < 0 ? failed : moved;
+}
+
+/* phase C, one page: tier -> its unit slot */
+static void copy_page(const hc_job *J, const move *mv) {
+    const int64_t i = mv->seq, unit = J->unit, token_bytes = J->token_bytes, unit_bytes = unit * token_bytes;
+    const int64_t nb = J->nbuckets, bucket = J->seq_bucket[i];
+    const int64_t row_start = J->seq_row[i] * J->buckets[3 * nb + bucket];
+    char *keys = (char *)(intptr_t)J->buckets[bucket] + row_start * token_bytes;
+    char *values = (char *)(intptr_t)J->buckets[nb + bucket] + row_start * token_bytes;
+    int32_t *positions = (int32_t *)(intptr_t)J->buckets[2 * nb + bucket] + row_start;
+    const int64_t src = i * J->pages + mv->page, k = mv->slot;
+    memcpy(keys + k * unit_bytes, J->tier_keys + src * unit_bytes, (size_t)unit_bytes);
+    memcpy(values + k * unit_bytes, J->tier_values + src * unit_bytes, (size_t)unit_bytes);
+    for (int64_t u = 0; u < unit; u++) positions[k * unit + u] = (int32_t)J->page_positions[src * unit + u];
+    J->current[i * J->width + k] = mv->page;
+}
+
+/* scratch that lives as long as its thread (OpenMP keeps its pool): no malloc per call */
+static _Thread_local char *scratch[2];
+static _Thread_local size_t scratch_bytes[2];
+
+static void *grow(int which, size_t bytes) {
+    if (bytes > scratch_bytes[which]) {
+        free(scratch[which]);
+        scratch[which] = malloc(bytes);
+        scratch_bytes[which] = scratch[which] ? bytes : 0;
+    }
+    return scratch[which];
+}
+
+static size_t aligned(size_t bytes) { return (bytes + 63) & ~(size_t)63; }
+
+int64_t hc_refill(const hc_job *J) {
+    const int64_t n = J->n, rows = J->rows, dim = J->dim, channels = J->channels, pages = J->pages;
+    if (n <= 0 || pages <= 0 || rows <= 0) return 0;
+    const int64_t blocks = (pages + BLOCK - 1) / BLOCK;
+    int64_t width_total = 0;
+    for (int64_t i = 0; i < n; i++) width_total += J->counts[i] > 0 ? J->counts[i] : 0;
+    /* shared: qp (n, rows, C), bound (n, rows, P), tops (n, blocks, rows), moves, per-sequence counts */
+    const size_t at_bound = aligned(sizeof(float) * n * rows * channels);
+    const size_t at_tops = at_bound + aligned(sizeof(float) * n * rows * pages);
+    const size_t at_moves = at_tops + aligned(sizeof(float) * n * blocks * rows);
+    const size_t at_counts = at_moves + aligned(sizeof(move) * (width_total > 0 ? width_total : 1));
+    char *shared = grow(0, at_counts + aligned(sizeof(int64_t) * (n + 1)));
+    if (!shared) return -2;
+    float *qp = (float *)shared, *bound = (float *)(shared + at_bound), *tops = (float *)(shared + at_tops);
+    move *moves = (move *)(shared + at_moves);
+    int64_t *planned = (int64_t *)(shared + at_counts);
+    for (int64_t i = 0; i < n; i++) { /* the query rows in the index's channels: a few thousand flops */
+        const float *q = J->queries + i * rows * dim;
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t c = 0; c < channels; c++) {
+                float v;
+                if (J->qmat) {
+                    const float *m = J->qmat + i * dim * channels + c;
+                    v = 0.0f;
+                    for (int64_t d = 0; d < dim; d++) v += q[r * dim + d] * m[d * channels];
+                } else {
+                    v = q[r * dim + c];
+                }
+                if (J->qscale) v *= J->qscale[i * channels + c];
+                qp[(i * rows + r) * channels + c] = (float)J->alpha * v;
+            }
+    }
+    /* moves of sequence i start at the sum of the earlier counts */
+    planned[0] = 0;
+    for (int64_t i = 0; i < n; i++) planned[i + 1] = planned[i] + (J->counts[i] > 0 ? J->counts[i] : 0);
+    int64_t got[n];
+    int64_t failed = 0, total = 0;
+#pragma omp parallel
+    {
+        const size_t logits = aligned(sizeof(float) * rows * J->group * BLOCK);
+        char *mine = grow(1, logits + aligned(sizeof(uint32_t) * pages) + aligned((size_t)pages));
+        if (!mine) {
+#pragma omp atomic write
+            failed = -2;
+        }
+        float *tokens = (float *)mine;
+        uint32_t *keys = (uint32_t *)(mine + logits);
+        uint8_t *wanted = (uint8_t *)keys + aligned(sizeof(uint32_t) * pages);
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < n * blocks; task++) { /* A: page bounds */
+            const int64_t i = task / blocks, block = task % blocks;
+            if (task + 1 < n * blocks) prefetch_block(J, (task + 1) / blocks, (task + 1) % blocks);
+            if (mine)
+                block_bounds(J, i, qp + i * rows * channels, bound + i * rows * pages, tops + task * rows, tokens,
+                             block);
+        }
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < n; i++) { /* B: choose and pair */
+            got[i] = mine ? plan(J, i, bound + i * rows * pages, tops + i * blocks * rows, blocks, keys, wanted,
+                                 moves + planned[i])
+                          : -2;
+            if (got[i] < 0) {
+#pragma omp atomic write
+                failed = got[i];
+            }
+        }
+#pragma omp single
+        if (!failed) /* the moves of every sequence, one after the other */
+            for (int64_t i = 0; i < n; i++) {
+                memmove(moves + total, moves + planned[i], sizeof(move) * (size_t)got[i]);
+                total += got[i];
+            }
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < total; j++) { /* C: one task per page */
+            if (j + 2 < total) prefetch_page(J, &moves[j + 2]);
+            copy_page(J, &moves[j]);
+        }
+    }
+    if (failed < 0) return failed;
+    return total;
 }

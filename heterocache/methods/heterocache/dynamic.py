@@ -81,6 +81,9 @@ class LayerSlots:
     length: int  # prompt length T
     page_positions: torch.Tensor  # (n, P, unit) prompt position of every page token (``page_layout``)
     channel_scale: torch.Tensor | None = None  # int8 summaries: (n, 1, C) fp32 per-channel scale
+    summary_block: int = 0  # > 0: ``summaries`` are ``(n, C * G * P)`` in the native refill's block layout
+    # (``to_blocks``) of runs of ``summary_block`` pages, with ``channels`` = C
+    channels: int = 0
     unit: int = 1  # prompt tokens per unit
     slot_of: torch.Tensor | None = None  # (n, T) storage slot holding each resident prompt position
     seq_ids: torch.Tensor | None = None  # ``seq`` as a tensor
@@ -92,8 +95,13 @@ class LayerSlots:
     page_lse: bool = True  # sketch: page score = log-sum-exp of its tokens' scores (else their max)
     native: bool = False  # refilled by the fused C routine (``_refill_native``): the block layout, or
     # any layout of plain buckets whose rows were given unit slots by ``_row_layout``
-    native_args: tuple = ()  # its arguments that stay fixed between stores (``_native_applies``)
-    native_keep: tuple = ()  # tensors those arguments point into
+    native_job: Any = None  # its argument (``native.RefillJob``), set up by ``_native_applies``
+    native_buckets: Any = None  # the storage addresses it reads (``ctypes`` array)
+    native_seen: list = ()  # the bucket tensors those addresses belong to (refreshed when replaced)
+    native_ref: Any = None  # ``ctypes.byref(native_job)``
+    native_call: Any = None  # the C function
+    native_page_bytes: int = 0  # bytes of one page's keys (or values)
+    native_keep: tuple = ()  # tensors the job points into, beyond the slots' own
 
     def __post_init__(self) -> None:
         self.uniform = bool((self.counts == self.width).all())
@@ -142,23 +150,52 @@ def key_sketch(keys: torch.Tensor, valid: torch.Tensor, rank: int) -> tuple[torc
     return keys.float() @ basis, basis
 
 
+def to_blocks(summaries: torch.Tensor, group: int, block: int) -> torch.Tensor:
+    """Index ``(n, C, G * P)`` (column ``g * P + p``: token g of page p; pages index: G = 1) -> the native
+    refill's layout, ``(n, C * G * P)``: per sequence each run of ``block`` pages as ``(G, C, block)``,
+    the last (shorter) run likewise, so each block of pages is one contiguous run of memory."""
+    n, channels, length = summaries.shape
+    pages = length // group
+    whole = pages // block * block
+    columns = summaries.view(n, channels, group, pages)
+    runs = columns[..., :whole].reshape(n, channels, group, whole // block, block).permute(0, 3, 2, 1, 4)
+    last = columns[..., whole:].permute(0, 2, 1, 3)
+    return torch.cat([runs.reshape(n, -1), last.reshape(n, -1)], dim=1)
+
+
+def from_blocks(blocks: torch.Tensor, channels: int, group: int, block: int) -> torch.Tensor:
+    """Inverse of :func:`to_blocks`: ``(n, C, G * P)``."""
+    n = blocks.shape[0]
+    pages = blocks.shape[1] // (channels * group)
+    whole = pages // block * block
+    runs = blocks[:, : whole * channels * group].view(n, whole // block, group, channels, block)
+    last = blocks[:, whole * channels * group:].view(n, group, channels, pages - whole)
+    columns = torch.cat([runs.permute(0, 3, 2, 1, 4).reshape(n, channels, group, whole), last.permute(0, 2, 1, 3)],
+                        dim=-1)
+    return columns.reshape(n, channels, group * pages)
+
+
 def unit_scores(slots: LayerSlots, queries: torch.Tensor, stick: float) -> torch.Tensor:
     """``(n, U)`` selection scores of the units for ``queries (n, R, D)`` (R = group x q): the index's
     estimate of ``scaling * q . k`` (per token, or against the page's mean key) shifted per query row
     by its maximum, max over the rows, plus the selection base and ``stick`` for resident units."""
     # fp32 compute: a bf16 bmm on CPU costs more than widening the stored index each step
+    summaries = slots.summaries
+    if slots.summary_block:  # the native layout (a torch fallback after the C path ran): back to columns
+        group = slots.unit if slots.basis is not None else 1
+        summaries = from_blocks(slots.summaries, slots.channels, group, slots.summary_block)
     if slots.basis is not None:  # per-token sketch; a page scores as the lse (or max) of its tokens
         projected = torch.bmm(queries.float(), slots.basis)  # (n, R, r); the basis carries ``scaling``
         if slots.channel_scale is not None:
             projected = projected * slots.channel_scale
-        bound = torch.bmm(projected, slots.summaries.float())  # (n, R, unit * P)
+        bound = torch.bmm(projected, summaries.float())  # (n, R, unit * P)
         if slots.unit > 1:
             tokens = bound.view(*bound.shape[:2], slots.unit, -1)
             bound = tokens.logsumexp(2) if slots.page_lse else tokens.amax(2)
         bound = bound + slots.base[:, None]
     else:
         q = queries.float() if slots.channel_scale is None else queries.float() * slots.channel_scale
-        bound = torch.baddbmm(slots.base[:, None], q, slots.summaries.float(), alpha=slots.scaling)  # (n, R, P)
+        bound = torch.baddbmm(slots.base[:, None], q, summaries.float(), alpha=slots.scaling)  # (n, R, P)
     bound = bound - bound.amax(-1, keepdim=True).clamp(min=-1e30)
     score = bound.amax(1)
     if stick:
@@ -338,12 +375,12 @@ class DynamicRetrieval:
             self._map_slots(layer, slots)
             self.counters.layout_s += time.perf_counter() - start
         start = time.perf_counter()
-        b, hq, q, d = queries.shape
-        n_kv = layer.n_kv_heads
-        grouped = queries.reshape(b * n_kv, (hq // n_kv) * q, d)
-        if not slots.every_row:
-            grouped = grouped[slots.seq_ids]
-        if not (slots.native and self._refill_native(layer, slots, grouped)):
+        if not (slots.native and self._refill_native(layer, slots, queries)):
+            b, hq, q, d = queries.shape
+            n_kv = layer.n_kv_heads
+            grouped = queries.reshape(b * n_kv, (hq // n_kv) * q, d)
+            if not slots.every_row:
+                grouped = grouped[slots.seq_ids]
             chosen = choose(slots, grouped, self.settings.stick)
             if slots.blocks:
                 slots.native = False  # the torch path replaces ``resident``: the C call's pointers are stale
@@ -384,22 +421,34 @@ class DynamicRetrieval:
             return False
         slots.resident = slots.resident.contiguous()
         sketch = slots.basis is not None
+        if not slots.summary_block:  # once: the C routine reads the index in its block layout (same bytes)
+            block = native.refill_library().hc_block()
+            slots.channels = slots.summaries.shape[1]
+            slots.summaries = to_blocks(slots.summaries, slots.unit if sketch else 1, block)
+            slots.summary_block = block
+        n, channels = slots.summaries.shape[0], slots.channels
         keys, values = stored
-        n, channels = slots.summaries.shape[:2]
         located = torch.tensor([layer.locate[seq] for seq in slots.seq], dtype=torch.long)  # (n, 2) bucket, row
         seq_bucket, seq_row = located[:, 0].contiguous(), located[:, 1].contiguous()
         counts = slots.counts.to(torch.long).contiguous()
         slots.native_keep = (seq_bucket, seq_row, counts)
-        slots.native_args = (  # pointers into tensors the slots keep alive (updated in place)
-            n, channels, slots.base.shape[1], slots.unit if sketch else 1,
-            slots.basis.data_ptr() if sketch else None,
-            None if slots.channel_scale is None else slots.channel_scale.data_ptr(),
-            1.0 if sketch else slots.scaling, slots.summaries.data_ptr(), int(slots.summaries.dtype == torch.int8),
-            slots.base.data_ptr(), self.settings.stick, int(slots.page_lse), slots.resident.data_ptr(),
-            slots.current.shape[1],
-            counts.data_ptr(), slots.current.data_ptr(), keys.data_ptr(), values.data_ptr(),
-            layer.head_dim * keys.element_size(), slots.page_positions.data_ptr(), slots.unit,
-            seq_bucket.data_ptr(), seq_row.data_ptr())
+        slots.native_job = native.RefillJob(  # pointers into tensors the slots keep alive (updated in place)
+            n=n, dim=layer.head_dim, channels=channels, pages=slots.base.shape[1], group=slots.unit if sketch else 1,
+            qmat=slots.basis.data_ptr() if sketch else None,
+            qscale=None if slots.channel_scale is None else slots.channel_scale.data_ptr(),
+            alpha=1.0 if sketch else slots.scaling, summaries=slots.summaries.data_ptr(),
+            summary_int8=int(slots.summaries.dtype == torch.int8), base=slots.base.data_ptr(),
+            stick=self.settings.stick, page_lse=int(slots.page_lse), resident=slots.resident.data_ptr(),
+            width=slots.current.shape[1], counts=counts.data_ptr(), current=slots.current.data_ptr(),
+            tier_keys=keys.data_ptr(), tier_values=values.data_ptr(), token_bytes=layer.head_dim * keys.element_size(),
+            page_positions=slots.page_positions.data_ptr(), unit=slots.unit, seq_bucket=seq_bucket.data_ptr(),
+            seq_row=seq_row.data_ptr(), nbuckets=len(layer.buckets))
+        slots.native_buckets = (ctypes.c_int64 * (4 * len(layer.buckets)))()
+        slots.native_job.buckets = ctypes.addressof(slots.native_buckets)
+        slots.native_seen = []  # the bucket tensors whose addresses native_buckets holds
+        slots.native_ref = ctypes.byref(slots.native_job)
+        slots.native_call = native.refill_library().hc_refill
+        slots.native_page_bytes = slots.unit * slots.native_job.token_bytes
         return True
 
     def _row_layout(self, layer, slots: LayerSlots) -> bool:
@@ -435,32 +484,43 @@ class DynamicRetrieval:
         slots.version = layer.version
         return True
 
-    def _refill_native(self, layer, slots: LayerSlots, grouped: torch.Tensor) -> bool:
-        """``choose`` + the page copies in one C call (``heterocache/native/refill.c``). False (nothing
-        done) when a bucket's positions are no longer contiguous int32 in the block layout (whose
-        PyTorch path then takes over); the row layout has no such fallback: an error."""
+    def _refill_native(self, layer, slots: LayerSlots, queries: torch.Tensor) -> bool:
+        """``choose`` + the page copies in one C call (``heterocache/native/refill.c``) for this step's
+        ``queries (B, Hq, q, D)``. False (nothing done) when a bucket's positions are no longer
+        contiguous int32 in the block layout (whose PyTorch path then takes over); the row layout has no
+        such fallback: an error. Per call this only refreshes the storage addresses when a bucket's
+        tensors were replaced (growth, ``sync_positions``), and passes fp32 contiguous queries as they are
+        (``(B, Hq, q, D)`` is ``(B * Hkv, group * q, D)`` in memory)."""
         buckets = layer.buckets
-        if any(b.positions.dtype != torch.int32 or not b.positions.is_contiguous() for b in buckets):
-            if self.settings.refill == "native" or not slots.blocks:
-                raise RuntimeError(f"layer {layer.layer_idx}: the native refill needs contiguous int32 bucket "
-                                   "positions; use refill='torch'")
-            return False
-        queries = grouped.float().contiguous()
-        n, rows, dim = queries.shape
-        addresses = ([b.keys.data_ptr() for b in buckets] + [b.values.data_ptr() for b in buckets]
-                     + [b.positions.data_ptr() for b in buckets] + [b.capacity for b in buckets])
-        (_, channels, pages, group, basis, scale, alpha, summaries, is_int8, base, stick, lse, resident, width,
-         counts, current, tier_keys, tier_values, token_bytes, page_positions, unit, seq_bucket,
-         seq_row) = slots.native_args
-        moved = native.refill_library().hc_refill(
-            n, rows, dim, channels, pages, group, queries.data_ptr(), basis, scale, alpha, summaries, is_int8, base,
-            stick, lse, resident, width, counts, current, tier_keys, tier_values, token_bytes, page_positions, unit,
-            seq_bucket, seq_row, (ctypes.c_int64 * len(addresses))(*addresses))
+        seen = slots.native_seen
+        if not (len(seen) == len(buckets) and all(
+                b.keys is k and b.values is v and b.positions is p for b, (k, v, p) in zip(buckets, seen))):
+            if any(b.positions.dtype != torch.int32 or not b.positions.is_contiguous() for b in buckets):
+                if self.settings.refill == "native" or not slots.blocks:
+                    raise RuntimeError(f"layer {layer.layer_idx}: the native refill needs contiguous int32 bucket "
+                                       "positions; use refill='torch'")
+                return False
+            if slots.native_job.nbuckets != len(buckets):
+                raise RuntimeError(f"layer {layer.layer_idx}: the storage has {len(buckets)} buckets, the native "
+                                   f"refill was set up for {slots.native_job.nbuckets}")
+            slots.native_buckets[:] = ([b.keys.data_ptr() for b in buckets] + [b.values.data_ptr() for b in buckets]
+                                       + [b.positions.data_ptr() for b in buckets] + [b.capacity for b in buckets])
+            slots.native_seen = [(b.keys, b.values, b.positions) for b in buckets]
+        b, hq, q, d = queries.shape
+        n_kv = layer.n_kv_heads
+        if not (slots.every_row and queries.dtype == torch.float32 and queries.is_contiguous()):
+            queries = queries.reshape(b * n_kv, (hq // n_kv) * q, d)
+            if not slots.every_row:
+                queries = queries[slots.seq_ids]
+            queries = queries.float().contiguous()
+        job = slots.native_job
+        job.queries, job.rows = queries.data_ptr(), (hq // n_kv) * q
+        moved = slots.native_call(slots.native_ref)
         if moved < 0:
             raise RuntimeError(f"layer {layer.layer_idx}: native refill failed ({moved}): the dynamic slots "
                                "no longer pair up with the resident pages")
-        self.counters.bytes += 2 * moved * unit * token_bytes
-        self.counters.tokens += moved * unit
+        self.counters.bytes += 2 * moved * slots.native_page_bytes
+        self.counters.tokens += moved * slots.unit
         return True
 
     def _fetch(self, layer, slots: LayerSlots, rows: torch.Tensor, units: torch.Tensor, flat: torch.Tensor):
