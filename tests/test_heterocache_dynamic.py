@@ -297,3 +297,27 @@ def test_every_tier_serves_the_same_pages(tmp_path):
         logits[offload] = torch.cat(rows)
         cache.close()
     assert torch.equal(logits["host"], logits["disk"]) and torch.equal(logits["host"], logits["none"])
+
+
+@pytest.mark.parametrize("refill", ["auto", "torch"])
+def test_drift_gate_keeps_the_pages_while_the_query_stays_close(refill):
+    """``refresh_drift``: a sequence refills only when its projected queries moved more than that
+    (relative distance) since its last refill. Query v, then u (orthogonal: distance sqrt 2): with 1.0
+    the step refills (other pages come in), with 2.0 it keeps the pages it holds."""
+    for drift, refills in ((1.0, True), (2.0, False)):
+        cache, module, keys, values, u, v = _dynamic_setup(refresh_drift=drift, refill=refill)
+        attend(cache, module, keys, values, u)
+        new_k, new_v = torch.zeros((1, 1, 1, 8)), torch.zeros((1, 1, 1, 8))
+        attend(cache, module, new_k, new_v, v)  # the first decode step always refills: region B
+        before = set(cache.layers[0].padded()[2][0, 0].tolist()) - {64}
+        moved = cache.stats()["retrieval_tokens"]
+        attend(cache, module, new_k, new_v, u)
+        after = set(cache.layers[0].padded()[2][0, 0].tolist()) - {64, 65}
+        assert set(range(40, 44)) <= before
+        assert (after != before) == refills
+        assert (cache.stats()["retrieval_tokens"] > moved) == refills
+        attend(cache, module, new_k, new_v, u)  # the same query again: within any drift, nothing moves
+        stats = cache.stats()
+        assert stats["retrieval_checked"] == 3
+        assert stats["retrieval_skipped"] == (1 if refills else 2)
+        assert cache.method.runtime.layers[0].native == (refill == "auto")  # the C gate, and its reference

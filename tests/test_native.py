@@ -57,6 +57,21 @@ def test_native_refill_matches_the_torch_blocks(index, summary_dtype, batch, pag
     assert fast[3]["retrieval_tokens"] > 0  # pages did move
 
 
+def test_native_drift_gate_matches_the_torch_one():
+    """``refresh_drift`` > 0: the C routine and the PyTorch path skip the same sequences at the same
+    steps (same held pages, bytes, skip counts, logits)."""
+    model = tiny_model("llama", layers=2, heads=6, kv_heads=2)
+    ids = torch.randint(0, 128, (2, 300), generator=torch.Generator().manual_seed(3))
+    options = {"rank": 3, "page": 4, "refresh_drift": 0.3}
+    fast = _decode(model, ids, 24, refill="native", **options)
+    slow = _decode(model, ids, 24, refill="torch", **options)
+    torch.testing.assert_close(fast[0], slow[0], rtol=1e-5, atol=1e-5)
+    assert fast[1] == slow[1]
+    for name in ("retrieval_tokens", "retrieval_bytes", "retrieval_checked", "retrieval_skipped"):
+        assert fast[3][name] == slow[3][name], name
+    assert 0 < fast[3]["retrieval_skipped"] < fast[3]["retrieval_checked"]
+
+
 @pytest.mark.parametrize("index,lengths", [("sketch", [300, 220, 140]), ("pages", [300, 220, 140]),
                                            ("sketch", [600, 300, 120])])  # one ragged bucket / two buckets
 def test_native_refill_of_ragged_rows_matches_the_token_swap(index, lengths):

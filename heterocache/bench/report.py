@@ -75,7 +75,11 @@ def _label(row: dict) -> str:
 
 
 def _time_shares(row: dict) -> str:
-    return ", ".join(f"{name} {share:.1%}" for name, share in sorted(row.get("time_shares", {}).items())) or "-"
+    parts = [f"{name} {share:.1%}" for name, share in sorted(row.get("time_shares", {}).items())]
+    cache = row.get("cache", {})
+    if cache.get("retrieval_skipped"):  # HeteroCache's drift gate (refresh_drift)
+        parts.append(f"refills skipped {cache['retrieval_skipped'] / cache['retrieval_checked']:.0%}")
+    return ", ".join(parts) or "-"
 
 
 def markdown_table(rows: list[dict], max_batches: list[dict] = ()) -> str:

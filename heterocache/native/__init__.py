@@ -36,7 +36,9 @@ class RefillJob(ctypes.Structure):
                 ("resident", _P), ("width", _I), ("counts", _P), ("current", _P),
                 ("tier_keys", _P), ("tier_values", _P), ("token_bytes", _I), ("page_positions", _P), ("unit", _I),
                 ("seq_bucket", _P), ("seq_row", _P),
-                ("nbuckets", _I), ("buckets", _P)]  # 4 x nbuckets: keys, values, positions addresses; capacities
+                ("nbuckets", _I), ("buckets", _P),  # 4 x nbuckets: keys, values, positions addresses; capacities
+                ("drift", _F), ("anchors", _P), ("anchored", _P), ("anchor_rows", _I),  # the drift gate
+                ("skipped", _I)]  # out: sequences not refilled by the call
 
 
 _library: ctypes.CDLL | None = None

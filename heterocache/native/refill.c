@@ -58,6 +58,14 @@ typedef struct {
     const int64_t *seq_bucket, *seq_row;
     int64_t nbuckets;
     const int64_t *buckets; /* 4 x nbuckets: keys, values, positions addresses, then capacities */
+    /* drift gate (``refresh_drift``): sequence i is refilled only when its projected queries qp moved
+     * by more than ``drift`` (relative Frobenius distance) from ``anchors[i]`` (n, anchor_rows, C), the
+     * qp of its last refill (``anchored[i]``); drift 0: every step. Refilled sequences store their qp */
+    double drift;
+    float *anchors;
+    uint8_t *anchored;
+    int64_t anchor_rows;
+    int64_t skipped; /* out: sequences not refilled this call */
 } hc_job;
 
 /* exp(x) for x <= 0 and log(x) for x >= 1 as branch-free polynomials that vectorise (Cephes'
@@ -336,18 +344,41 @@ static inline uint32_t order_key(float f) {
     return bits & 0x80000000u ? ~bits : bits | 0x80000000u;
 }
 
-/* wanted[p] = 1 for the k best pages (largest key, then lowest page): radix selection, 8 bits a pass */
-static void select_best(const uint32_t *keys, int64_t pages, int64_t k, uint8_t *wanted) {
+/* wanted[p] = 1 for the k best pages (largest key, then lowest page): radix selection, 8 bits a pass,
+ * each pass over the candidates left by the previous one (compacted into ``spare``, pages entries);
+ * four interleaved histograms keep equal digits from serialising the counts */
+static void select_best(const uint32_t *keys, int64_t pages, int64_t k, uint8_t *wanted, uint32_t *spare) {
     uint32_t prefix = 0, mask = 0;
-    int64_t need = k; /* how many of the pages matching prefix under mask are still to take */
+    int64_t need = k, m = pages; /* need: how many of the m candidates (matching prefix under mask) to take */
+    const uint32_t *from = keys;
     for (int shift = 24; shift >= 0; shift -= 8) {
-        int64_t count[256] = {0};
-        for (int64_t p = 0; p < pages; p++)
-            if ((keys[p] & mask) == prefix) count[(keys[p] >> shift) & 255u]++;
+        uint32_t count[4][256];
+        memset(count, 0, sizeof count);
+        int64_t p = 0;
+        for (; p + 4 <= m; p += 4) {
+            count[0][(from[p] >> shift) & 255u]++;
+            count[1][(from[p + 1] >> shift) & 255u]++;
+            count[2][(from[p + 2] >> shift) & 255u]++;
+            count[3][(from[p + 3] >> shift) & 255u]++;
+        }
+        for (; p < m; p++) count[0][(from[p] >> shift) & 255u]++;
         int bin = 255;
-        for (; bin > 0 && count[bin] < need; bin--) need -= count[bin];
+        for (; bin > 0; bin--) {
+            const int64_t c = (int64_t)count[0][bin] + count[1][bin] + count[2][bin] + count[3][bin];
+            if (c >= need) break;
+            need -= c;
+        }
         prefix |= (uint32_t)bin << shift;
         mask |= 255u << shift;
+        if (shift == 0) break;
+        int64_t kept = 0; /* in place when from == spare: the write index never passes the read one */
+        for (p = 0; p < m; p++) {
+            const uint32_t key = from[p];
+            spare[kept] = key;
+            kept += (key & mask) == prefix;
+        }
+        m = kept;
+        from = spare;
     }
     /* every key above the threshold ``prefix``, then the first ``need`` equal to it */
     for (int64_t p = 0; p < pages; p++) {
@@ -362,7 +393,7 @@ typedef struct { int64_t seq, slot, page; } move;
 /* phase B, one sequence: choose its pages and pair the incoming ones with freed slots (written to
  * moves); returns how many, or -1 when the sets do not pair up */
 static int64_t plan(const hc_job *J, int64_t i, const float *bound, const float *tops, int64_t blocks,
-                    uint32_t *keys, uint8_t *wanted, move *moves) {
+                    uint32_t *keys, uint32_t *spare, uint8_t *wanted, move *moves) {
     const int64_t rows = J->rows, pages = J->pages, width = J->counts[i];
     if (pages <= 0 || width <= 0) return 0;
     uint8_t *res = J->resident + i * pages;
@@ -380,7 +411,7 @@ static int64_t plan(const hc_job *J, int64_t i, const float *bound, const float 
         if (stick != 0.0f && res[p]) best += stick;
         keys[p] = order_key(best);
     }
-    select_best(keys, pages, width < pages ? width : pages, wanted);
+    select_best(keys, pages, width < pages ? width : pages, wanted, spare);
     int64_t m = 0, next = 0;
     for (int64_t k = 0; k < width; k++) {
         if (wanted[cur[k]]) continue;
@@ -441,22 +472,49 @@ static void *grow(int which, size_t bytes) {
 
 static size_t aligned(size_t bytes) { return (bytes + 63) & ~(size_t)63; }
 
-int64_t hc_refill(const hc_job *J) {
-    const int64_t n = J->n, rows = J->rows, dim = J->dim, channels = J->channels, pages = J->pages;
-    if (n <= 0 || pages <= 0 || rows <= 0) return 0;
+/* refill sequence i this call? (the drift gate; stores its qp as the new anchor when it is) */
+static int due(hc_job *J, int64_t i, const float *qp) {
+    const int64_t size = J->rows * J->channels;
+    if (!J->anchors) return 1;
+    if (J->rows != J->anchor_rows) { /* a multi-token step: refill, no anchor of that shape */
+        J->anchored[i] = 0;
+        return 1;
+    }
+    float *anchor = J->anchors + i * size;
+    if (J->drift > 0 && J->anchored[i]) {
+        float moved = 0.0f, length = 0.0f;
+        for (int64_t k = 0; k < size; k++) {
+            const float d = qp[k] - anchor[k];
+            moved += d * d;
+            length += anchor[k] * anchor[k];
+        }
+        if (moved < (float)(J->drift * J->drift) * length) return 0;
+    }
+    memcpy(anchor, qp, sizeof(float) * (size_t)size);
+    J->anchored[i] = 1;
+    return 1;
+}
+
+int64_t hc_refill(hc_job *J) {
+    const int64_t n_all = J->n, rows = J->rows, dim = J->dim, channels = J->channels, pages = J->pages;
+    J->skipped = 0;
+    if (n_all <= 0 || pages <= 0 || rows <= 0) return 0;
     const int64_t blocks = (pages + BLOCK - 1) / BLOCK;
     int64_t width_total = 0;
-    for (int64_t i = 0; i < n; i++) width_total += J->counts[i] > 0 ? J->counts[i] : 0;
-    /* shared: qp (n, rows, C), bound (n, rows, P), tops (n, blocks, rows), moves, per-sequence counts */
+    for (int64_t i = 0; i < n_all; i++) width_total += J->counts[i] > 0 ? J->counts[i] : 0;
+    /* shared: qp (n, rows, C) of every sequence, then for the n refilled ones: bound (n, rows, P), tops
+       (n, blocks, rows), moves, per-sequence counts, their ids */
+    const int64_t n = n_all;
     const size_t at_bound = aligned(sizeof(float) * n * rows * channels);
     const size_t at_tops = at_bound + aligned(sizeof(float) * n * rows * pages);
     const size_t at_moves = at_tops + aligned(sizeof(float) * n * blocks * rows);
     const size_t at_counts = at_moves + aligned(sizeof(move) * (width_total > 0 ? width_total : 1));
-    char *shared = grow(0, at_counts + aligned(sizeof(int64_t) * (n + 1)));
+    const size_t at_ids = at_counts + aligned(sizeof(int64_t) * (n + 1));
+    char *shared = grow(0, at_ids + aligned(sizeof(int64_t) * n));
     if (!shared) return -2;
     float *qp = (float *)shared, *bound = (float *)(shared + at_bound), *tops = (float *)(shared + at_tops);
     move *moves = (move *)(shared + at_moves);
-    int64_t *planned = (int64_t *)(shared + at_counts);
+    int64_t *planned = (int64_t *)(shared + at_counts), *ids = (int64_t *)(shared + at_ids);
     for (int64_t i = 0; i < n; i++) { /* the query rows in the index's channels: a few thousand flops */
         const float *q = J->queries + i * rows * dim;
         for (int64_t r = 0; r < rows; r++)
@@ -473,45 +531,54 @@ int64_t hc_refill(const hc_job *J) {
                 qp[(i * rows + r) * channels + c] = (float)J->alpha * v;
             }
     }
-    /* moves of sequence i start at the sum of the earlier counts */
+    /* the sequences refilled now (ids[0..active)); the moves of the a-th start at planned[a] */
+    int64_t active = 0;
     planned[0] = 0;
-    for (int64_t i = 0; i < n; i++) planned[i + 1] = planned[i] + (J->counts[i] > 0 ? J->counts[i] : 0);
-    int64_t got[n];
+    for (int64_t i = 0; i < n; i++)
+        if (due(J, i, qp + i * rows * channels)) {
+            ids[active] = i;
+            planned[active + 1] = planned[active] + (J->counts[i] > 0 ? J->counts[i] : 0);
+            active++;
+        }
+    J->skipped = n - active;
+    if (!active) return 0;
+    int64_t got[active];
     int64_t failed = 0, total = 0;
 #pragma omp parallel
     {
         const size_t logits = aligned(sizeof(float) * rows * J->group * BLOCK);
-        char *mine = grow(1, logits + aligned(sizeof(uint32_t) * pages) + aligned((size_t)pages));
+        char *mine = grow(1, logits + 2 * aligned(sizeof(uint32_t) * pages) + aligned((size_t)pages));
         if (!mine) {
 #pragma omp atomic write
             failed = -2;
         }
         float *tokens = (float *)mine;
         uint32_t *keys = (uint32_t *)(mine + logits);
-        uint8_t *wanted = (uint8_t *)keys + aligned(sizeof(uint32_t) * pages);
+        uint32_t *spare = (uint32_t *)((char *)keys + aligned(sizeof(uint32_t) * pages));
+        uint8_t *wanted = (uint8_t *)spare + aligned(sizeof(uint32_t) * pages);
 #pragma omp for schedule(static)
-        for (int64_t task = 0; task < n * blocks; task++) { /* A: page bounds */
-            const int64_t i = task / blocks, block = task % blocks;
-            if (task + 1 < n * blocks) prefetch_block(J, (task + 1) / blocks, (task + 1) % blocks);
+        for (int64_t task = 0; task < active * blocks; task++) { /* A: page bounds */
+            const int64_t a = task / blocks, i = ids[a], block = task % blocks;
+            if (task + 1 < active * blocks) prefetch_block(J, ids[(task + 1) / blocks], (task + 1) % blocks);
             if (mine)
-                block_bounds(J, i, qp + i * rows * channels, bound + i * rows * pages, tops + task * rows, tokens,
+                block_bounds(J, i, qp + i * rows * channels, bound + a * rows * pages, tops + task * rows, tokens,
                              block);
         }
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < n; i++) { /* B: choose and pair */
-            got[i] = mine ? plan(J, i, bound + i * rows * pages, tops + i * blocks * rows, blocks, keys, wanted,
-                                 moves + planned[i])
+        for (int64_t a = 0; a < active; a++) { /* B: choose and pair */
+            got[a] = mine ? plan(J, ids[a], bound + a * rows * pages, tops + a * blocks * rows, blocks, keys, spare,
+                                 wanted, moves + planned[a])
                           : -2;
-            if (got[i] < 0) {
+            if (got[a] < 0) {
 #pragma omp atomic write
-                failed = got[i];
+                failed = got[a];
             }
         }
 #pragma omp single
         if (!failed) /* the moves of every sequence, one after the other */
-            for (int64_t i = 0; i < n; i++) {
-                memmove(moves + total, moves + planned[i], sizeof(move) * (size_t)got[i]);
-                total += got[i];
+            for (int64_t a = 0; a < active; a++) {
+                memmove(moves + total, moves + planned[a], sizeof(move) * (size_t)got[a]);
+                total += got[a];
             }
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < total; j++) { /* C: one task per page */

@@ -45,6 +45,7 @@ class DynamicSettings:
     offload_dir: Any
     refill: str = "auto"  # block-layout refill on the CPU: "auto" / "native" (heterocache.native) / "torch"
     page_score: str = "lse"  # sketch: a page scores as the log-sum-exp ("lse") or the max of its tokens
+    drift: float = 0.0  # refill a sequence only when its projected queries moved more than this (0: every step)
 
 
 @dataclass
@@ -54,6 +55,8 @@ class DynamicCounters:
     refreshes: int = 0  # (layer, step) selections
     tokens: int = 0  # tokens fetched that were not resident
     bytes: int = 0  # bytes of keys + values of those tokens
+    checked: int = 0  # (layer, sequence, step) refill decisions
+    skipped: int = 0  # of which not refilled: queries within ``drift`` of the last refill's
     select_s: float = 0.0  # time spent choosing + fetching + writing (on the decode critical path)
     layout_s: float = 0.0  # mapping the slots after each store (once per prefill, at the first decode step)
 
@@ -95,6 +98,8 @@ class LayerSlots:
     page_lse: bool = True  # sketch: page score = log-sum-exp of its tokens' scores (else their max)
     native: bool = False  # refilled by the fused C routine (``_refill_native``): the block layout, or
     # any layout of plain buckets whose rows were given unit slots by ``_row_layout``
+    anchors: torch.Tensor | None = None  # (n, group, C) fp32 projected queries of each sequence's last refill
+    anchored: torch.Tensor | None = None  # (n,) bool: ``anchors`` holds one
     native_job: Any = None  # its argument (``native.RefillJob``), set up by ``_native_applies``
     native_buckets: Any = None  # the storage addresses it reads (``ctypes`` array)
     native_seen: list = ()  # the bucket tensors those addresses belong to (refreshed when replaced)
@@ -175,6 +180,19 @@ def from_blocks(blocks: torch.Tensor, channels: int, group: int, block: int) -> 
     return columns.reshape(n, channels, group * pages)
 
 
+def project(slots: LayerSlots, queries: torch.Tensor) -> torch.Tensor:
+    """``queries (n, R, D)`` in the index's channels, ``(n, R, C)`` fp32: on the sketch basis (which carries
+    ``scaling``), or ``scaling * q`` for page means; times the int8 channel scale. What the index is
+    scored with, and what the drift gate (``refresh_drift``) compares."""
+    if slots.basis is not None:
+        projected = torch.bmm(queries.float(), slots.basis)
+    else:
+        projected = queries.float() * slots.scaling
+    if slots.channel_scale is not None:
+        projected = projected * slots.channel_scale
+    return projected
+
+
 def unit_scores(slots: LayerSlots, queries: torch.Tensor, stick: float) -> torch.Tensor:
     """``(n, U)`` selection scores of the units for ``queries (n, R, D)`` (R = group x q): the index's
     estimate of ``scaling * q . k`` (per token, or against the page's mean key) shifted per query row
@@ -203,10 +221,13 @@ def unit_scores(slots: LayerSlots, queries: torch.Tensor, stick: float) -> torch
     return score
 
 
-def choose(slots: LayerSlots, queries: torch.Tensor, stick: float) -> torch.Tensor:
+def choose(slots: LayerSlots, queries: torch.Tensor, stick: float, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Units ``(n, width)`` for the dynamic slots from ``queries (n, R, D)`` (R = group x q), in no
-    particular order; a row with fewer than ``width`` units repeats one of its choices."""
+    particular order; a row with fewer than ``width`` units repeats one of its choices. Rows where
+    ``keep (n,)`` is set choose the units they hold (the drift gate skipped them)."""
     score = unit_scores(slots, queries, stick)
+    if keep is not None and bool(keep.any()):
+        score = torch.where(keep[:, None], slots.resident.float(), score)
     if slots.uniform:
         return score.topk(slots.width, dim=-1, sorted=False).indices
     chosen = score.topk(slots.width, dim=-1).indices
@@ -370,6 +391,11 @@ class DynamicRetrieval:
         slots = self.layers.get(layer.layer_idx)
         if slots is None or not slots.width:
             return
+        if self.settings.drift > 0 and slots.anchors is None:  # the drift gate's state, kept in place
+            channels = slots.basis.shape[2] if slots.basis is not None else layer.head_dim
+            group = queries.shape[1] // layer.n_kv_heads
+            slots.anchors = torch.zeros(len(slots.seq), group, channels, device=layer.device)
+            slots.anchored = torch.zeros(len(slots.seq), dtype=torch.bool, device=layer.device)
         if slots.version != layer.version:
             start = time.perf_counter()
             self._map_slots(layer, slots)
@@ -381,7 +407,7 @@ class DynamicRetrieval:
             grouped = queries.reshape(b * n_kv, (hq // n_kv) * q, d)
             if not slots.every_row:
                 grouped = grouped[slots.seq_ids]
-            chosen = choose(slots, grouped, self.settings.stick)
+            chosen = choose(slots, grouped, self.settings.stick, self._drift_gate(slots, grouped))
             if slots.blocks:
                 slots.native = False  # the torch path replaces ``resident``: the C call's pointers are stale
                 self._swap_blocks(layer, slots, chosen)
@@ -389,6 +415,26 @@ class DynamicRetrieval:
                 self._swap(layer, slots, chosen)
         self.counters.refreshes += 1
         self.counters.select_s += time.perf_counter() - start
+
+    def _drift_gate(self, slots: LayerSlots, grouped: torch.Tensor) -> torch.Tensor | None:
+        """``(n,)`` bool: sequences whose projected queries moved less than ``drift`` (relative
+        Frobenius distance) since their last refill keep their pages this step (None: all refill); the
+        others record theirs. The C routine's ``due`` does the same."""
+        n = grouped.shape[0]
+        self.counters.checked += n
+        if self.settings.drift <= 0:
+            return None
+        projected = project(slots, grouped)
+        if projected.shape[1] != slots.anchors.shape[1]:  # a multi-token step: refill all, no anchors
+            slots.anchored.zero_()
+            return None
+        moved = (projected - slots.anchors).square().sum((1, 2))
+        length = slots.anchors.square().sum((1, 2))
+        keep = slots.anchored & (moved < self.settings.drift ** 2 * length)
+        self.counters.skipped += int(keep.sum())
+        slots.anchors[~keep] = projected[~keep]
+        slots.anchored |= ~keep
+        return keep
 
     def _native_applies(self, layer, slots: LayerSlots) -> bool:
         """The fused C refill (``heterocache.native``) can serve this layer: a CPU cache whose tier is
@@ -442,7 +488,10 @@ class DynamicRetrieval:
             width=slots.current.shape[1], counts=counts.data_ptr(), current=slots.current.data_ptr(),
             tier_keys=keys.data_ptr(), tier_values=values.data_ptr(), token_bytes=layer.head_dim * keys.element_size(),
             page_positions=slots.page_positions.data_ptr(), unit=slots.unit, seq_bucket=seq_bucket.data_ptr(),
-            seq_row=seq_row.data_ptr(), nbuckets=len(layer.buckets))
+            seq_row=seq_row.data_ptr(), nbuckets=len(layer.buckets), drift=self.settings.drift,
+            anchors=None if slots.anchors is None else slots.anchors.data_ptr(),
+            anchored=None if slots.anchored is None else slots.anchored.data_ptr(),
+            anchor_rows=0 if slots.anchors is None else slots.anchors.shape[1])
         slots.native_buckets = (ctypes.c_int64 * (4 * len(layer.buckets)))()
         slots.native_job.buckets = ctypes.addressof(slots.native_buckets)
         slots.native_seen = []  # the bucket tensors whose addresses native_buckets holds
@@ -519,6 +568,8 @@ class DynamicRetrieval:
         if moved < 0:
             raise RuntimeError(f"layer {layer.layer_idx}: native refill failed ({moved}): the dynamic slots "
                                "no longer pair up with the resident pages")
+        self.counters.checked += job.n
+        self.counters.skipped += job.skipped
         self.counters.bytes += 2 * moved * slots.native_page_bytes
         self.counters.tokens += moved * slots.unit
         return True
