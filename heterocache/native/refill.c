@@ -516,20 +516,21 @@ int64_t hc_refill(hc_job *J) {
     move *moves = (move *)(shared + at_moves);
     int64_t *planned = (int64_t *)(shared + at_counts), *ids = (int64_t *)(shared + at_ids);
     for (int64_t i = 0; i < n; i++) { /* the query rows in the index's channels: a few thousand flops */
-        const float *q = J->queries + i * rows * dim;
-        for (int64_t r = 0; r < rows; r++)
-            for (int64_t c = 0; c < channels; c++) {
-                float v;
-                if (J->qmat) {
-                    const float *m = J->qmat + i * dim * channels + c;
-                    v = 0.0f;
-                    for (int64_t d = 0; d < dim; d++) v += q[r * dim + d] * m[d * channels];
-                } else {
-                    v = q[r * dim + c];
+        const float *q = J->queries + i * rows * dim, *scale = J->qscale ? J->qscale + i * channels : NULL;
+        for (int64_t r = 0; r < rows; r++) {
+            float *out = qp + (i * rows + r) * channels;
+            if (J->qmat) { /* row r of q @ qmat, the channels innermost (contiguous, vectorised) */
+                const float *m = J->qmat + i * dim * channels;
+                for (int64_t c = 0; c < channels; c++) out[c] = 0.0f;
+                for (int64_t d = 0; d < dim; d++) {
+                    const float x = q[r * dim + d];
+                    for (int64_t c = 0; c < channels; c++) out[c] += x * m[d * channels + c];
                 }
-                if (J->qscale) v *= J->qscale[i * channels + c];
-                qp[(i * rows + r) * channels + c] = (float)J->alpha * v;
+            } else {
+                for (int64_t c = 0; c < channels; c++) out[c] = q[r * dim + c];
             }
+            for (int64_t c = 0; c < channels; c++) out[c] *= (float)J->alpha * (scale ? scale[c] : 1.0f);
+        }
     }
     /* the sequences refilled now (ids[0..active)); the moves of the a-th start at planned[a] */
     int64_t active = 0;
