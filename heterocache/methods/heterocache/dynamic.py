@@ -16,7 +16,9 @@ Every compressed head of a full-attention layer holds on the device, inside its 
 Selection per sequence (batch row x KV head): approximate ``scaling * q . k`` from the index,
 shifted per query row by its maximum, max over the group's query rows (plus ``stick`` for resident
 pages: hysteresis, fewer bytes moved); the best pages fill the slots. Only pages not already
-resident are fetched and counted as moved.
+resident are fetched and counted as moved. The drift gate (``drift``, the method's
+``refresh_drift``) skips a sequence's selection while its projected queries (``project``) stay within
+that relative distance of those it last refilled with.
 """
 
 from __future__ import annotations
