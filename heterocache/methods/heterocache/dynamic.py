@@ -228,7 +228,7 @@ def choose(slots: LayerSlots, queries: torch.Tensor, stick: float, keep: torch.T
     particular order; a row with fewer than ``width`` units repeats one of its choices. Rows where
     ``keep (n,)`` is set choose the units they hold (the drift gate skipped them)."""
     score = unit_scores(slots, queries, stick)
-    if keep is not None and bool(keep.any()):
+    if keep is not None:
         score = torch.where(keep[:, None], slots.resident.float(), score)
     if slots.uniform:
         return score.topk(slots.width, dim=-1, sorted=False).indices
@@ -277,6 +277,7 @@ class DynamicRetrieval:
         self.counters = DynamicCounters()
         self.summary_bytes = 0
         self.allow_blocks = True  # False: always the token-by-token swap (tests compare the two)
+        self.skipped_pending: torch.Tensor | None = None  # PyTorch path's drift-gate skips not yet counted
 
     # --- prefill -------------------------------------------------------------------------------
     def watch(self, ctx, heads: list[int], static: torch.Tensor, counts: torch.Tensor,
@@ -433,8 +434,9 @@ class DynamicRetrieval:
         moved = (projected - slots.anchors).square().sum((1, 2))
         length = slots.anchors.square().sum((1, 2))
         keep = slots.anchored & (moved < self.settings.drift ** 2 * length)
-        self.counters.skipped += int(keep.sum())
-        slots.anchors[~keep] = projected[~keep]
+        # counted on the device (no host sync per layer on CUDA); read by ``stats``
+        self.skipped_pending = keep.sum() if self.skipped_pending is None else self.skipped_pending + keep.sum()
+        slots.anchors.copy_(torch.where(keep[:, None, None], slots.anchors, projected))  # in place, no sync
         slots.anchored |= ~keep
         return keep
 
@@ -638,6 +640,9 @@ class DynamicRetrieval:
         slots.resident = wanted
 
     def stats(self) -> dict[str, Any]:
+        if self.skipped_pending is not None:
+            self.counters.skipped += int(self.skipped_pending)
+            self.skipped_pending = None
         out: dict[str, Any] = self.counters.as_stats()
         out["device_bytes"] = self.summary_bytes
         out["summary_bytes"] = self.summary_bytes
