@@ -321,3 +321,10 @@ def test_drift_gate_keeps_the_pages_while_the_query_stays_close(refill):
         assert stats["retrieval_checked"] == 3
         assert stats["retrieval_skipped"] == (1 if refills else 2)
         assert cache.method.runtime.layers[0].native == (refill == "auto")  # the C gate, and its reference
+
+
+def test_refresh_drift_must_be_non_negative():
+    model = tiny_model("llama", layers=1, heads=4, kv_heads=2)
+    with pytest.raises(ValueError, match="refresh_drift"):
+        hc.make_cache(model, "heterocache", 0.25, refresh_drift=-0.1)
+    assert hc.make_cache(model, "heterocache", 0.25).method.refresh_drift == 0.3  # the measured default
