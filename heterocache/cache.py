@@ -346,6 +346,7 @@ class HeadwiseCache(Cache):
             )
         positions = torch.arange(length, device=keys.device).expand(b, h, length)
         layer.store(keys, values, positions, keep & valid[:, None, :])
+        self.method.after_store(layer)
 
     def decode(self, layer: HeadwiseLayer, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """One decode attention of ``layer`` (its new tokens already appended): ``query (B, Hq, q, D)``

@@ -224,10 +224,10 @@ def test_block_swap_matches_the_token_swap(index):
         cache = hc.make_cache(model, "heterocache", 0.25, index=index, rank=2, window=8, sinks=2,
                               refill="torch")  # the PyTorch block path (the C one: tests/test_native.py)
         rows = []
+        runtime = cache.method.runtime
+        runtime.allow_blocks = blocks  # before the prefill: its end lays out the slots (after_store)
         with torch.no_grad():
             out = model(ids, **cache_kwargs(cache, model))
-            runtime = cache.method.runtime
-            runtime.allow_blocks = blocks
             for _ in range(24):  # past the prefill headroom: the buckets grow, unit-aligned
                 token = out.logits[:, -1:].argmax(-1)
                 out = model(token, **cache_kwargs(cache, model))

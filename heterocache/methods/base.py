@@ -9,6 +9,7 @@ calls each of them at its fixed place:
 - ``budgets(keep, prompt_len, n_layers, n_kv_heads)`` once per prefill (the cache turns it into
   ``ctx.budget``, the per-layer ``(B, Hkv)`` kept prompt tokens);
 - ``select(ctx)`` at the end of each layer's prefill: the bool mask of prompt tokens to keep;
+- ``after_store(layer)`` once the layer has stored them (e.g. lay out storage for the decode steps);
 - ``before_decode_attention(layer, queries)`` and ``on_decode_step(ctx)`` around each decode attention of
   a layer (never called at ``keep=1.0``, which is FullKV during decode too);
 - ``stats()`` merged into ``cache.stats()``; ``close()`` on ``cache.close()`` / ``reset()``.
@@ -139,6 +140,9 @@ class Method:
 
     def setup(self, cache: Any) -> None:
         """Called when the cache is created and after each reset: (re)initialise per-cache state."""
+
+    def after_store(self, layer: HeadwiseLayer) -> None:
+        """Called after ``layer`` stored the tokens ``select`` kept (end of its prefill)."""
 
     def before_decode_attention(self, layer: HeadwiseLayer, queries: torch.Tensor) -> None:
         """Called before each decode attention of ``layer`` (apply work finished in the background)."""

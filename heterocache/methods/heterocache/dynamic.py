@@ -94,6 +94,7 @@ class LayerSlots:
     seq_ids: torch.Tensor | None = None  # ``seq`` as a tensor
     version: int = -1  # the layer storage version ``slot_of`` was computed for
     every_row: bool = False  # ``seq`` is every sequence of the layer in order (no query gather)
+    group: int = 1  # query heads per KV head
     uniform: bool = True  # every sequence has ``width`` units
     blocks: bool = False  # unit slot k of a sequence = storage slots [k * unit, (k + 1) * unit) (``_layout``)
     current: torch.Tensor | None = None  # blocks: (n, width) the unit in each unit slot
@@ -328,6 +329,7 @@ class DynamicRetrieval:
         units = resident.sum(-1)  # fewer than asked where a row has fewer selectable pages
         base = torch.zeros(n, pages, device=real.device).masked_fill(~real, float("-inf"))
         slots = LayerSlots(resident=resident, counts=units, width=int(units.max()), summaries=summaries,
+                           group=ctx.queries.shape[1] // n_kv,
                            channel_scale=scale, basis=basis, base=base, unit=page, page_positions=positions,
                            page_lse=self.settings.page_score == "lse", **common)
         self.layers[ctx.layer_idx] = slots
@@ -394,15 +396,7 @@ class DynamicRetrieval:
         slots = self.layers.get(layer.layer_idx)
         if slots is None or not slots.width:
             return
-        if self.settings.drift > 0 and slots.anchors is None:  # the drift gate's state, kept in place
-            channels = slots.basis.shape[2] if slots.basis is not None else layer.head_dim
-            group = queries.shape[1] // layer.n_kv_heads
-            slots.anchors = torch.zeros(len(slots.seq), group, channels, device=layer.device)
-            slots.anchored = torch.zeros(len(slots.seq), dtype=torch.bool, device=layer.device)
-        if slots.version != layer.version:
-            start = time.perf_counter()
-            self._map_slots(layer, slots)
-            self.counters.layout_s += time.perf_counter() - start
+        self._prepare(layer, slots)
         start = time.perf_counter()
         if not (slots.native and self._refill_native(layer, slots, queries)):
             b, hq, q, d = queries.shape
@@ -418,6 +412,24 @@ class DynamicRetrieval:
                 self._swap(layer, slots, chosen)
         self.counters.refreshes += 1
         self.counters.select_s += time.perf_counter() - start
+
+    def after_store(self, layer) -> None:
+        """End of ``layer``'s prefill: map the slots now (``_prepare``), while the storage is warm,
+        instead of at the first decode step."""
+        slots = self.layers.get(layer.layer_idx)
+        if slots is not None and slots.width:
+            self._prepare(layer, slots)
+
+    def _prepare(self, layer, slots: LayerSlots) -> None:
+        """The drift gate's state, and the slot mapping (``_map_slots``) after each store."""
+        if self.settings.drift > 0 and slots.anchors is None:  # kept in place (the C routine points at it)
+            channels = slots.basis.shape[2] if slots.basis is not None else layer.head_dim
+            slots.anchors = torch.zeros(len(slots.seq), slots.group, channels, device=layer.device)
+            slots.anchored = torch.zeros(len(slots.seq), dtype=torch.bool, device=layer.device)
+        if slots.version != layer.version:
+            start = time.perf_counter()
+            self._map_slots(layer, slots)
+            self.counters.layout_s += time.perf_counter() - start
 
     def _drift_gate(self, slots: LayerSlots, grouped: torch.Tensor) -> torch.Tensor | None:
         """``(n,)`` bool: sequences whose projected queries moved less than ``drift`` (relative

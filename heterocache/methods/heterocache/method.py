@@ -416,6 +416,10 @@ class HeteroCache(Method):
         return keep
 
     # --- decode --------------------------------------------------------------------------------
+    def after_store(self, layer) -> None:
+        if isinstance(self.runtime, DynamicRetrieval):
+            self.runtime.after_store(layer)
+
     def before_decode_attention(self, layer, queries) -> None:
         if isinstance(self.runtime, DynamicRetrieval):
             self.runtime.before_attention(layer, queries)
