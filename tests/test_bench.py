@@ -136,9 +136,24 @@ def test_time_counters_are_reported_as_shares():
             "tokens_per_s": 1.0, "read_bytes_per_token": 1.0, "peak_memory_bytes": 1, "peak_memory_note": "n"}
     cache = {"keep_fraction": 0.25, "device_bytes": 1, "host_bytes": 0}
     rows = derive([{**base, "method": "full", "keep": 1.0, "decode_ms": 10.0, "cache": {**cache, "keep_fraction": 1}},
-                   {**base, "method": "heterocache", "keep": 0.25, "decode_ms": 5.0, "cache": cache,
-                    "time_shares": {"retrieval_check_s": 0.125}}])
-    assert "retrieval_check_s 12.5%" in markdown_table(rows)
+                   {**base, "method": "heterocache", "keep": 0.25, "decode_ms": 5.0,
+                    "cache": {**cache, "retrieval_checked": 40, "retrieval_skipped": 30},
+                    "time_shares": {"retrieval_check_s": 0.125}, "prefill_time_counters": {"retrieval_layout_s": 0.08}}])
+    table = markdown_table(rows)
+    assert "retrieval_check_s 12.5%" in table and "refills skipped 75%" in table
+    assert "in the prefill: retrieval_layout_s 0.080 s" in table
+
+
+def test_decoder_keeps_what_the_prefill_spent():
+    """The bench's decode shares count only what the decode steps added to a method's time counters."""
+    from heterocache.bench.run import _Decoder
+
+    class Feeder:
+        def stats(self):
+            return {"retrieval_layout_s": 0.08, "retrieval_select_s": 0.0, "keep_fraction": 0.25, "exact": True}
+
+    decoder = _Decoder(Feeder(), torch.zeros(1, 1, dtype=torch.long), None)
+    assert decoder.at_prefill == {"retrieval_layout_s": 0.08, "retrieval_select_s": 0.0}
 
 
 def test_llama_8b_preset_builds_on_meta_without_memory():

@@ -79,6 +79,9 @@ def _time_shares(row: dict) -> str:
     cache = row.get("cache", {})
     if cache.get("retrieval_skipped"):  # HeteroCache's drift gate (refresh_drift)
         parts.append(f"refills skipped {cache['retrieval_skipped'] / cache['retrieval_checked']:.0%}")
+    once = [f"{name} {value:.3f} s" for name, value in sorted(row.get("prefill_time_counters", {}).items())]
+    if once:  # spent in the prefill (e.g. HeteroCache's one-time slot mapping), not in decode steps
+        parts.append("in the prefill: " + ", ".join(once))
     return ", ".join(parts) or "-"
 
 
@@ -86,7 +89,7 @@ def markdown_table(rows: list[dict], max_batches: list[dict] = ()) -> str:
     """One row per result; the footnote explains the bound, the natural limit and the timing protocol."""
     head = ("| method | keep | kept | context | batch | threads | schedule | prefill s | decode ms/token | tokens/s "
             "| speedup vs full | bound | of bound | ms / natural limit | read MB/token | peak MB | cache device MB "
-            "| of which overhead MB | cache host MB | timed parts (share of decode) |")
+            "| of which overhead MB | cache host MB | timed parts (share of decode; prefill) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     order = sorted(rows, key=lambda r: (r["model"], r.get("threads", 0), r.get("schedule", ""),
                                         r.get("natural_limit") or r["context"], r["batch"],

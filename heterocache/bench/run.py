@@ -52,6 +52,7 @@ class _Decoder:
     def __init__(self, feeder: Feeder, token: torch.Tensor, mask: torch.Tensor | None):
         self.feeder, self.token, self.mask = feeder, token, mask
         self.position = None if mask is None else mask.sum(-1, keepdim=True)  # (B, 1) next RoPE position
+        self.at_prefill = _time_counters(feeder.stats())  # what the prefill already spent
 
     def step(self) -> float:
         if self.mask is None:
@@ -61,6 +62,12 @@ class _Decoder:
         ms, self.token = decode_step(self.feeder, self.token, attention_mask=self.mask, position_ids=self.position)
         self.position = self.position + 1
         return ms
+
+
+def _time_counters(stats: dict) -> dict[str, float]:
+    """The time counters a method reports: stats keys ending in ``_s``."""
+    return {name: value for name, value in stats.items()
+            if name.endswith("_s") and isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 def _jsonable(value):
@@ -142,14 +149,14 @@ class Bench:
                 for i, decoder in enumerate(decoders):
                     times[i].append(decoder.step())
             return [self._line(m, k, o, context, batch, steps, warmup, prefills[i], times[i], decoders[i].feeder,
-                               schedule, run_context, mask, spread)
+                               schedule, run_context, mask, spread, decoders[i].at_prefill)
                     for i, (m, k, o, run_context, mask) in enumerate(measured)]
         finally:
             for decoder in decoders:
                 decoder.feeder.close()
 
     def _line(self, method, keep, options, context, batch, steps, warmup, prefill_s, all_times, cache,
-              schedule, run_context, mask, spread) -> dict:
+              schedule, run_context, mask, spread, at_prefill: dict) -> dict:
         stats = cache.stats()
         times = all_times[warmup:]
         decode_ms = statistics.median(times)
@@ -160,9 +167,10 @@ class Bench:
         else:
             peak, note = stats["device_bytes"], CPU_MEMORY_NOTE
         decode_s = sum(all_times) / 1000  # every decode step of this cache, warm-up included
-        # time counters a method reports (stats keys ending in "_s") as a share of its decode time
-        shares = {name: value / decode_s for name, value in stats.items()
-                  if name.endswith("_s") and isinstance(value, (int, float)) and not isinstance(value, bool)}
+        # time counters a method reports (stats keys ending in "_s"), what the decode steps added, as a
+        # share of the decode time; what the prefill spent is reported apart (prefill_time_counters)
+        shares = {name: (value - at_prefill.get(name, 0.0)) / decode_s for name, value in _time_counters(stats).items()}
+        shares = {name: share for name, share in shares.items() if share > 0}
         extra = {}
         if run_context != context:
             extra["natural_limit"] = context
@@ -176,6 +184,7 @@ class Bench:
             "tokens_per_s": batch * 1000.0 / decode_ms, "peak_memory_bytes": int(peak), "peak_memory_note": note,
             "cache": _jsonable(stats), "weight_bytes": self.weight_bytes, "kv_full_bytes": full_kv,
             "read_bytes_per_token": self.weight_bytes + stats["keep_fraction"] * full_kv, "time_shares": shares,
+            "prefill_time_counters": {name: value for name, value in at_prefill.items() if value > 0},
             "torch": torch.__version__, "load_average": os.getloadavg()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
 
