@@ -329,3 +329,21 @@ def test_native_selection_breaks_exact_ties_by_lower_page(kernel):
         seq_row=seq_row.data_ptr(), nbuckets=1, buckets=ctypes.addressof(buckets))
     assert library.hc_refill(ctypes.byref(job)) > 0
     assert [torch.nonzero(r).flatten().tolist() for r in slots.resident] == wanted
+
+
+def test_slots_are_laid_out_at_the_end_of_the_prefill():
+    """``after_store``: the slot mapping (and the index's block layout) happens when each layer stores
+    its prefill, so decode steps only refill; nothing is mapped again while no layer stores."""
+    model = tiny_model("llama", layers=2, heads=6, kv_heads=2)
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(3))
+    cache = hc.make_cache(model, "heterocache", 0.25, window=8, sinks=2, rank=3, page=4)
+    with torch.no_grad():
+        out = model(ids, **cache_kwargs(cache, model))
+        runtime = cache.method.runtime
+        assert all(slots.native and slots.summary_block for slots in runtime.layers.values())
+        mapped = cache.stats()["retrieval_layout_s"]
+        assert mapped > 0
+        for _ in range(12):  # past the prefill headroom: the buckets grow
+            out = model(out.logits[:, -1:].argmax(-1), **cache_kwargs(cache, model))
+    stats = cache.stats()
+    assert stats["retrieval_layout_s"] == mapped and stats["retrieval_refreshes"] == 2 * 12
