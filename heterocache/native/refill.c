@@ -496,15 +496,14 @@ static int due(hc_job *J, int64_t i, const float *qp) {
 }
 
 int64_t hc_refill(hc_job *J) {
-    const int64_t n_all = J->n, rows = J->rows, dim = J->dim, channels = J->channels, pages = J->pages;
+    const int64_t n = J->n, rows = J->rows, dim = J->dim, channels = J->channels, pages = J->pages;
     J->skipped = 0;
-    if (n_all <= 0 || pages <= 0 || rows <= 0) return 0;
+    if (n <= 0 || pages <= 0 || rows <= 0) return 0;
     const int64_t blocks = (pages + BLOCK - 1) / BLOCK;
     int64_t width_total = 0;
-    for (int64_t i = 0; i < n_all; i++) width_total += J->counts[i] > 0 ? J->counts[i] : 0;
-    /* shared: qp (n, rows, C) of every sequence, then for the n refilled ones: bound (n, rows, P), tops
-       (n, blocks, rows), moves, per-sequence counts, their ids */
-    const int64_t n = n_all;
+    for (int64_t i = 0; i < n; i++) width_total += J->counts[i] > 0 ? J->counts[i] : 0;
+    /* shared: qp (n, rows, C) of every sequence, then, sized for all n, what the refilled ones need:
+       bound (n, rows, P), tops (n, blocks, rows), moves, per-sequence move offsets, their ids */
     const size_t at_bound = aligned(sizeof(float) * n * rows * channels);
     const size_t at_tops = at_bound + aligned(sizeof(float) * n * rows * pages);
     const size_t at_moves = at_tops + aligned(sizeof(float) * n * blocks * rows);
