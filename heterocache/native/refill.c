@@ -6,13 +6,16 @@
  *
  *   qp[r, c]    = alpha * (sum_d q[r, d] * qmat[d, c]) * qscale[c]      (qmat NULL: q[r, c] itself)
  *   t[r, g, p]  = sum_c qp[r, c] * summary[c, g * P + p]       (token g of page p)
- *
- * (the summaries in the block layout the Python side gives them: per sequence, each block of BLOCK
- * pages as ``[g][c][k]`` (``summary[c, g * P + b * BLOCK + k]``), the last block of ``nb`` <= BLOCK
- * pages likewise with ``nb`` for BLOCK; the C x G x P entries of a sequence in all, so every scoring
- * task reads one contiguous run, which the hardware prefetcher streams)
  *   bound[r, p] = base[p] + logsumexp_{g < G} t[r, g, p]     (``page_lse``; else max_{g < G})
  *   score[p]    = max_r (bound[r, p] - max(max_p' bound[r, p'], -1e30)) + stick * resident[p]
+ *
+ * The summaries come in the block layout the Python side gives them (``to_blocks``): per sequence,
+ * each block of BLOCK pages as ``[g][c][k]`` (``summary[c, g * P + b * BLOCK + k]``), the last block
+ * of ``nb`` <= BLOCK pages likewise with ``nb`` for BLOCK; the C x G x P entries of a sequence in all,
+ * so every scoring task reads one contiguous run, which the hardware prefetcher streams.
+ *
+ * Drift gate (``drift`` > 0): a sequence whose qp is within ``drift`` (relative Frobenius distance) of
+ * the qp it last refilled with keeps its pages this call (``due``; counted in ``skipped``).
  *
  * The ``counts[i]`` best pages of sequence i are wanted (descending score, then ascending page: ties
  * go to the lower page); each wanted page that is not resident is copied, as one block of ``unit``
