@@ -43,7 +43,9 @@ def test_native_refill_matches_the_torch_blocks(index, summary_dtype, batch, pag
     scores 0) and tied pages are chosen differently (C: lower page first; ``torch.topk``: unspecified)."""
     model = tiny_model("llama", layers=2, heads=6, kv_heads=2)  # 3 query rows per KV head
     ids = torch.randint(0, 128, (batch, 300), generator=torch.Generator().manual_seed(3))
-    options = {"index": index, "rank": 3, "page": 4, "summary_dtype": summary_dtype, "page_score": page_score}
+    # refresh_drift 0: every step refills (the gate is compared in test_native_drift_gate_matches_the_torch_one)
+    options = {"index": index, "rank": 3, "page": 4, "summary_dtype": summary_dtype, "page_score": page_score,
+               "refresh_drift": 0.0}
     fast = _decode(model, ids, 24, refill="native", **options)
     slow = _decode(model, ids, 24, refill="torch", **options)
     uniform = [layer for layer, slots in fast[2].layers.items() if slots.uniform]
