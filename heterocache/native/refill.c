@@ -428,23 +428,6 @@ static int64_t plan(const hc_job *J, int64_t i, const float *bound, const float 
     return m;
 }
 
-/* the source and destination of a page copy, ahead of it */
-static void prefetch_page(const hc_job *J, const move *mv) {
-    const int64_t i = mv->seq, unit_bytes = J->unit * J->token_bytes;
-    const int64_t nb = J->nbuckets, bucket = J->seq_bucket[i];
-    const int64_t row_start = J->seq_row[i] * J->buckets[3 * nb + bucket];
-    const char *keys = (const char *)(intptr_t)J->buckets[bucket] + row_start * J->token_bytes + mv->slot * unit_bytes;
-    const char *values = (const char *)(intptr_t)J->buckets[nb + bucket] + row_start * J->token_bytes + mv->slot * unit_bytes;
-    const char *tk = J->tier_keys + (i * J->pages + mv->page) * unit_bytes;
-    const char *tv = J->tier_values + (i * J->pages + mv->page) * unit_bytes;
-    for (int64_t at = 0; at < unit_bytes; at += 64) {
-        __builtin_prefetch(tk + at, 0, 3);
-        __builtin_prefetch(tv + at, 0, 3);
-        __builtin_prefetch(keys + at, 1, 3);
-        __builtin_prefetch(values + at, 1, 3);
-    }
-}
-
 /* phase C, one page: tier -> its unit slot */
 static void copy_page(const hc_job *J, const move *mv) {
     const int64_t i = mv->seq, unit = J->unit, token_bytes = J->token_bytes, unit_bytes = unit * token_bytes;
@@ -584,10 +567,7 @@ int64_t hc_refill(hc_job *J) {
                 total += got[a];
             }
 #pragma omp for schedule(static)
-        for (int64_t j = 0; j < total; j++) { /* C: one task per page */
-            if (j + 2 < total) prefetch_page(J, &moves[j + 2]);
-            copy_page(J, &moves[j]);
-        }
+        for (int64_t j = 0; j < total; j++) copy_page(J, &moves[j]); /* C: one task per page */
     }
     if (failed < 0) return failed;
     return total;

@@ -60,7 +60,7 @@ class DynamicCounters:
     checked: int = 0  # (layer, sequence, step) refill decisions
     skipped: int = 0  # of which not refilled: queries within ``drift`` of the last refill's
     select_s: float = 0.0  # time spent choosing + fetching + writing (on the decode critical path)
-    layout_s: float = 0.0  # mapping the slots after each store (once per prefill, at the first decode step)
+    layout_s: float = 0.0  # mapping the slots after each store (once per prefill, at its end: ``after_store``)
 
     def as_stats(self) -> dict[str, float]:
         return {f"retrieval_{f.name}": getattr(self, f.name) for f in fields(self)}
@@ -86,9 +86,9 @@ class LayerSlots:
     length: int  # prompt length T
     page_positions: torch.Tensor  # (n, P, unit) prompt position of every page token (``page_layout``)
     channel_scale: torch.Tensor | None = None  # int8 summaries: (n, 1, C) fp32 per-channel scale
+    channels: int = 0  # C: index channels (sketch rank, or head_dim for page means)
     summary_block: int = 0  # > 0: ``summaries`` are ``(n, C * G * P)`` in the native refill's block layout
-    # (``to_blocks``) of runs of ``summary_block`` pages, with ``channels`` = C
-    channels: int = 0
+    # (``to_blocks``) of runs of ``summary_block`` pages
     unit: int = 1  # prompt tokens per unit
     slot_of: torch.Tensor | None = None  # (n, T) storage slot holding each resident prompt position
     seq_ids: torch.Tensor | None = None  # ``seq`` as a tensor
@@ -206,10 +206,7 @@ def unit_scores(slots: LayerSlots, queries: torch.Tensor, stick: float) -> torch
         group = slots.unit if slots.basis is not None else 1
         summaries = from_blocks(slots.summaries, slots.channels, group, slots.summary_block)
     if slots.basis is not None:  # per-token sketch; a page scores as the lse (or max) of its tokens
-        projected = torch.bmm(queries.float(), slots.basis)  # (n, R, r); the basis carries ``scaling``
-        if slots.channel_scale is not None:
-            projected = projected * slots.channel_scale
-        bound = torch.bmm(projected, summaries.float())  # (n, R, unit * P)
+        bound = torch.bmm(project(slots, queries), summaries.float())  # (n, R, unit * P)
         if slots.unit > 1:
             tokens = bound.view(*bound.shape[:2], slots.unit, -1)
             bound = tokens.logsumexp(2) if slots.page_lse else tokens.amax(2)
@@ -329,7 +326,7 @@ class DynamicRetrieval:
         units = resident.sum(-1)  # fewer than asked where a row has fewer selectable pages
         base = torch.zeros(n, pages, device=real.device).masked_fill(~real, float("-inf"))
         slots = LayerSlots(resident=resident, counts=units, width=int(units.max()), summaries=summaries,
-                           group=ctx.queries.shape[1] // n_kv,
+                           channels=summaries.shape[1], group=ctx.queries.shape[1] // n_kv,
                            channel_scale=scale, basis=basis, base=base, unit=page, page_positions=positions,
                            page_lse=self.settings.page_score == "lse", **common)
         self.layers[ctx.layer_idx] = slots
@@ -423,8 +420,7 @@ class DynamicRetrieval:
     def _prepare(self, layer, slots: LayerSlots) -> None:
         """The drift gate's state, and the slot mapping (``_map_slots``) after each store."""
         if self.settings.drift > 0 and slots.anchors is None:  # kept in place (the C routine points at it)
-            channels = slots.basis.shape[2] if slots.basis is not None else layer.head_dim
-            slots.anchors = torch.zeros(len(slots.seq), slots.group, channels, device=layer.device)
+            slots.anchors = torch.zeros(len(slots.seq), slots.group, slots.channels, device=layer.device)
             slots.anchored = torch.zeros(len(slots.seq), dtype=torch.bool, device=layer.device)
         if slots.version != layer.version:
             start = time.perf_counter()
@@ -485,7 +481,6 @@ class DynamicRetrieval:
         sketch = slots.basis is not None
         if not slots.summary_block:  # once: the C routine reads the index in its block layout (same bytes)
             block = native.refill_library().hc_block()
-            slots.channels = slots.summaries.shape[1]
             slots.summaries = to_blocks(slots.summaries, slots.unit if sketch else 1, block)
             slots.summary_block = block
         n, channels = slots.summaries.shape[0], slots.channels
