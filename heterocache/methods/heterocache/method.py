@@ -86,8 +86,9 @@ class HeteroCache(Method):
         Dynamic mode: the device-resident index the step's queries are scored against: ``"pages"``
         (mean key of each page of ``page`` selectable prompt tokens; whole pages are fetched) or
         ``"sketch"`` (every paged key on its head's top-``rank`` right singular vectors; a page scores
-        by ``page_score``). ``"auto"`` (default): the sketch where a rank-16 one costs at most a sixth of ``keep`` (keep >= 0.19 for an fp32 cache,
-        head_dim 64), else pages (measured: README). Its bytes are paid from the budget.
+        by ``page_score``). ``"auto"`` (default): the sketch where a rank-16 one costs at most a sixth
+        of ``keep`` (keep >= 0.19 for an fp32 cache, head_dim 64), else pages (measured: README). Its
+        bytes are paid from the budget.
     page : int | str
         Dynamic mode: prompt tokens per page (fetched as one block). ``"auto"`` (default): 8 with the
         sketch; with page means the smallest of 4, 8, 16, 32, 64 whose means cost at most a sixth of
