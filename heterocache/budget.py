@@ -41,7 +41,15 @@ __all__ = [
 
 
 def validate_keep(keep: float) -> float:
-    """Return ``keep`` as a float, or raise ``ValueError`` unless ``0 < keep <= 1`` (NaN rejected)."""
+    """Return ``keep`` as a float, or raise ``ValueError`` unless ``0 < keep <= 1`` (NaN rejected).
+
+    Numbers and numeric strings (``"0.25"``, as a command line gives them) are accepted; booleans are
+    not (``True`` would otherwise read as keep 1.0), nor are numpy / torch booleans.
+    """
+    dtype = getattr(keep, "dtype", None)  # numpy / torch scalars
+    if isinstance(keep, bool) or dtype is torch.bool or str(dtype) == "bool":
+        raise ValueError(f"keep must be a number in the range (0, 1], got the boolean {keep!r}; "
+                         "pass a fraction such as 0.25 (1.0 keeps everything)")
     try:
         value = float(keep)
     except (TypeError, ValueError):
@@ -247,8 +255,8 @@ def allocate(profile, keep: float, prompt_len: int, weighting: str = "profile", 
     would take more than ``max_full_share`` of the total (so compressed heads are never starved).
     Heads of sliding-window layers (role ``"sliding"``) are compressed heads with the mean profile
     weight 1, capped at :func:`sliding_cap` (their floor too), so what they cannot hold goes to the
-    other compressed heads (docs/DESIGN.md s.2). Raises ``ValueError`` only when even ``min_tokens``
-    per head does not fit.
+    other compressed heads (docs/DESIGN.md s.2). When even ``min_tokens`` per head does not fit (a short
+    prompt), every head is compressed and the floor is cut to ``total // heads``.
     """
     layers, heads = profile.n_layers, profile.n_kv_heads
     n = layers * heads
@@ -256,12 +264,9 @@ def allocate(profile, keep: float, prompt_len: int, weighting: str = "profile", 
     windows = profile.layer_windows()
     caps = {(layer, head): sliding_cap(prompt_len, windows[layer]) for layer in range(layers) for head in range(heads)}
     floors = {key: min(min_tokens, cap) for key, cap in caps.items()}
-    if total < sum(floors.values()):
-        floor_tokens = min(min_tokens, prompt_len)
-        raise ValueError(
-            f"keep={keep} leaves {total} tokens for {n} heads; heterocache needs at least {floor_tokens} per head "
-            f"(keep >= {sum(floors.values()) / (prompt_len * n):.4f} for a {prompt_len}-token prompt)"
-        )
+    if total < sum(floors.values()):  # a short prompt: every head compressed, floors cut to what fits
+        min_tokens = total // n
+        floors = {key: min(min_tokens, cap) for key, cap in caps.items()}
     records = [h for row in profile.heads for h in row]
     full = {(h.layer, h.head) for h in records if h.is_full}
     demote_order = sorted((h for h in records if h.is_full),

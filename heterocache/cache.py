@@ -16,6 +16,7 @@ attention calls here.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,32 +109,47 @@ class HeadwiseLayer(CacheLayerMixin):
         self.is_initialized = False
 
     def crop(self, max_length: int) -> None:
-        """Keep only tokens at positions ``< max_length`` (negative: drop that many from the end)."""
-        new_seen = self.seen + max_length if max_length < 0 else min(max_length, self.seen)
+        """Negative ``max_length``: drop that many tokens from the end (transformers >= 5.3, whose assisted
+        decoding also calls ``crop(0)``, a no-op); positive: keep only positions ``< max_length`` (5.2).
+        The method's state follows (``Method.on_crop``); tokens of the prompt may go too (assisted
+        decoding's first forward is the prompt plus the draft), then the layer's prompt shrinks."""
+        new_seen = self.crop_length(max_length)
         if new_seen >= self.seen:
             return
+        if self.buckets and self.cache.keep < 1.0:
+            self.cache.method.on_crop(self, new_seen)
         self.seen = new_seen
+        self.prefill_len = min(self.prefill_len, new_seen)
         if not self.buckets:
             return
         keys, values, positions, lengths = self.padded()
         self.store(keys, values, positions, (positions >= 0) & (positions < new_seen))
 
+    def crop_length(self, max_length: int) -> int:
+        """Tokens seen after ``crop(max_length)`` (see :meth:`crop`)."""
+        if max_length == 0:
+            return self.seen
+        return max(self.seen + max_length, 0) if max_length < 0 else min(max_length, self.seen)
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep batch rows ``indices (B',)`` in that order (beam search's reorder, row selection); the
+        method's per-row state follows (``Method.on_batch_select``)."""
         if not self.buckets:
             return
+        idx = torch.as_tensor(indices, dtype=torch.long).to(self.device)
+        if self.cache.keep < 1.0:
+            self.cache.method.on_batch_select(self, idx)
         keys, values, positions, _ = self.padded()
-        idx = indices.to(keys.device)
         self.batch = int(idx.shape[0])
         self.store(keys[idx], values[idx], positions[idx], positions[idx] >= 0)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if repeats == 1:
             return
-        idx = torch.arange(self.batch).repeat_interleave(repeats)
-        self.batch_select_indices(idx)
+        self.batch_select_indices(torch.arange(self.batch).repeat_interleave(repeats))
 
     # --- storage ------------------------------------------------------------------------------
     def store(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
@@ -313,6 +329,7 @@ class HeadwiseCache(Cache):
         self.bucket_options = bucket_options or {}
         self.prompt_lengths: torch.Tensor | None = None
         self.budget: torch.Tensor | None = None  # (B, n_layers, Hkv) kept prompt tokens, set at prefill
+        self.warned_context = False  # _check_context warns once per cache
         super().__init__(layers=[HeadwiseLayer(self, i, self.layer_windows[i]) for i in range(n_layers)])
         method.setup(self)
 
@@ -327,6 +344,7 @@ class HeadwiseCache(Cache):
         """
         b, h, length, _ = keys.shape
         if self.budget is None:
+            self._check_context(length)
             self.prompt_lengths = valid.sum(-1)
             self.budget = self._budget_table(self.prompt_lengths).to(keys.device)
         layer.prefill_len = length
@@ -353,6 +371,8 @@ class HeadwiseCache(Cache):
         -> ``(B, q, Hq, D)``. The method's hooks run before and after, except at ``keep=1.0``.
         Sliding-window layers attend through their rings' position masks (``layer.window``)."""
         hooks = self.keep < 1.0  # keep=1.0 is FullKV, during decode too
+        if layer.layer_idx == 0:
+            self._check_context(layer.seen)
         if hooks:
             self.method.before_decode_attention(layer, query)
         first_query = layer.seen - query.shape[2]
@@ -366,24 +386,24 @@ class HeadwiseCache(Cache):
             ))
         return out
 
+    def _check_context(self, length: int) -> None:
+        """Warn once per cache when the sequence outgrows the model's context window (``max_position_embeddings``):
+        a warning, not an error, because users who extend RoPE on purpose go there."""
+        limit = self.model_geometry.get("max_positions", 0)
+        if limit and length > limit and not self.warned_context:
+            self.warned_context = True
+            warnings.warn(f"the sequence has {length} tokens, more than the model's context window of {limit} "
+                          "(config.max_position_embeddings); quality beyond it is not what the model was trained "
+                          "for unless its RoPE scaling extends it", UserWarning, stacklevel=2)
+
     def _budget_table(self, prompt_lengths: torch.Tensor) -> torch.Tensor:
         """``(B, n_layers, Hkv)`` budgets from the method, sliding layers capped at ``min(T, W - 1)`` with
-        the excess moved to full-attention heads (:func:`heterocache.budget.cap_sliding`); every head
-        that can use a prompt token keeps at least one."""
+        the excess moved to full-attention heads (:func:`heterocache.budget.cap_sliding`). A short prompt
+        at a small ``keep`` leaves some heads without any prompt token (the total is what it is, e.g. 9
+        tokens for 90 heads): they attend over their decode tokens only."""
         windows = self.layer_windows
-        table = budget_table(lambda n: cap_sliding(self.method.budgets(self.keep, n, self.n_layers, self.n_kv_heads),
-                                                   windows, n), prompt_lengths.cpu())
-        caps = torch.tensor([[sliding_cap(int(n), w) for w in windows] for n in prompt_lengths.tolist()])
-        starved = (table == 0) & (caps[:, :, None] > 0)
-        if bool(starved.any()):
-            row = int(starved.any(-1).any(-1).nonzero()[0])
-            length = int(prompt_lengths[row])
-            raise ValueError(
-                f"keep={self.keep} leaves {int(starved[row].sum())} of the {self.n_layers * self.n_kv_heads} "
-                f"(layer, KV head) pairs of method {self.method.name!r} without any token of a {length}-token "
-                f"prompt; raise keep (at least ~{1 / length:.3g} for this prompt) or shorten the model's budget split"
-            )
-        return table
+        return budget_table(lambda n: cap_sliding(self.method.budgets(self.keep, n, self.n_layers, self.n_kv_heads),
+                                                  windows, n), prompt_lengths.cpu())
 
     def _stats_by_layer_type(self) -> dict[str, Any]:
         """Kept fraction and device bytes of full-attention and sliding-window layers (None: no such layer).
@@ -401,6 +421,40 @@ class HeadwiseCache(Cache):
             out[f"keep_fraction_{kind}_layers"] = (kept / reachable if reachable else 1.0) if members else None
             out[f"device_bytes_{kind}_layers"] = sum(layer.nbytes() for layer in members)
         return out
+
+    # --- generate's edits: beam reorders, row selection, draft rejection --------------------------
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: batch row ``i`` continues beam ``beam_idx[i]`` (:meth:`batch_select_indices`)."""
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep batch rows ``indices (B',)`` in that order: every layer's storage, the budget table, the
+        prompt lengths and the method's per-row state (slots, slow-tier rows, drift anchors) follow."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        if self.budget is not None:
+            self.budget = self.budget[idx.to(self.budget.device)]
+            self.prompt_lengths = self.prompt_lengths[idx.to(self.prompt_lengths.device)]
+        for layer in self.layers:
+            layer.batch_select_indices(idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every batch row ``repeats`` times in place (row ``b`` becomes rows ``b * repeats ...``)."""
+        batch = self.prompt_lengths.shape[0] if self.prompt_lengths is not None else self.layers[0].batch
+        if repeats != 1 and batch:
+            self.batch_select_indices(torch.arange(batch).repeat_interleave(repeats))
+
+    def crop(self, max_length: int) -> None:
+        """Drop the newest tokens (assisted decoding rejects draft tokens: ``crop(-n)``; ``crop(0)`` is a
+        no-op; a positive value keeps positions ``< max_length``, as transformers 5.2 calls it). When
+        tokens of the prompt go (assisted decoding verifies its first draft together with the prompt),
+        the prompt lengths the accounting uses shrink with it."""
+        first = self.layers[0]
+        new_length = first.crop_length(max_length)
+        cut = first.prefill_len - new_length
+        if self.prompt_lengths is not None and cut > 0:
+            self.prompt_lengths = (self.prompt_lengths - cut).clamp(min=0)
+        for layer in self.layers:
+            layer.crop(max_length)
 
     # --- lifecycle ----------------------------------------------------------------------------
     def reset(self) -> None:

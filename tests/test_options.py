@@ -60,13 +60,19 @@ def test_unusable_offload_dir_fails_at_construction(model, tmp_path):
         hc.make_cache(model, "heterocache", 0.5, offload="disk", offload_dir=str(blocker / "sub"))
 
 
-def test_keep_that_leaves_a_head_without_tokens_is_an_error(model):
-    # 2 layers x 2 KV heads, a 30-token prompt: keep=0.01 gives round(1.2) = 1 token for 4 heads
+def test_keep_that_leaves_heads_without_prompt_tokens_still_generates(model):
+    # 2 layers x 2 KV heads, a 30-token prompt: keep=0.01 gives round(1.2) = 1 token for 4 heads; the other
+    # three heads attend over their decode tokens only (what the budget pays for, no error)
     ids, mask = left_padded_batch([30])
-    cache = hc.make_cache(model, "snapkv", 0.01)
-    with pytest.raises(ValueError, match=r"keep=0.01 leaves 3 of the 4 \(layer, KV head\) pairs"):
+    for method in hc.available_methods():
+        cache = hc.make_cache(model, method, 0.01)
         with torch.no_grad():
-            model(ids, attention_mask=mask, **cache_kwargs(cache, model))
+            out = model.generate(ids, attention_mask=mask, **cache_kwargs(cache, model), max_new_tokens=3,
+                                 min_new_tokens=3, do_sample=False)
+        assert out.shape == (1, 33)
+        if method != "full":
+            assert cache.stats()["kept_tokens"] <= 1
+            assert torch.stack([layer.kept_prompt_tokens() for layer in cache.layers]).eq(0).sum() >= 3
 
 
 def test_offload_none_is_a_device_tier_never_pinned():
@@ -88,3 +94,18 @@ def test_directory_that_is_not_a_model(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(ValueError, match="could not load a causal LM"):
         load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("method", ["full", "snapkv", "heterocache"])
+def test_keep_true_is_not_keep_one(model, method):
+    """``bool`` is an ``int``: ``keep=True`` used to build a FullKV-sized cache silently."""
+    with pytest.raises(ValueError, match="keep must be a number .* got the boolean True"):
+        hc.make_cache(model, method, True)
+
+
+@pytest.mark.parametrize("argument", [{"max_length": True}, {"max_new_tokens": True}, {"topk": False},
+                                      {"stable_threshold": True}, {"sim_threshold": False}])
+def test_profile_heads_refuses_booleans_for_numbers(model, argument):
+    name = next(iter(argument))
+    with pytest.raises(ValueError, match=name):
+        hc.profile_heads(model, input_ids=torch.arange(8), cache_dir=False, progress=False, **argument)

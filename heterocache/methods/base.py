@@ -12,6 +12,8 @@ calls each of them at its fixed place:
 - ``after_store(layer)`` once the layer has stored them (e.g. lay out storage for the decode steps);
 - ``before_decode_attention(layer, queries)`` and ``on_decode_step(ctx)`` around each decode attention of
   a layer (never called at ``keep=1.0``, which is FullKV during decode too);
+- ``on_batch_select(layer, indices)`` / ``on_crop(layer, length)`` before ``generate`` reorders batch rows
+  (beam search) or drops the newest tokens (assisted decoding), likewise not at ``keep=1.0``;
 - ``stats()`` merged into ``cache.stats()``; ``close()`` on ``cache.close()`` / ``reset()``.
 
 Per-cache state lives on the method instance (``make_cache`` builds one instance per cache) and is
@@ -149,6 +151,15 @@ class Method:
 
     def on_decode_step(self, ctx: DecodeContext) -> None:
         """Called after each decode attention of a layer (decode-time eviction, drift checks)."""
+
+    def on_batch_select(self, layer: HeadwiseLayer, indices: torch.Tensor) -> None:
+        """Called before ``layer`` keeps batch rows ``indices (B',)`` in that order (beam search's reorder,
+        ``batch_select_indices``, ``batch_repeat_interleave``): per-row state of the layer follows."""
+
+    def on_crop(self, layer: HeadwiseLayer, length: int) -> None:
+        """Called before ``layer`` drops every stored token at position ``>= length`` (assisted decoding
+        rejecting draft tokens; they may be prompt tokens): state that refers to them follows. A
+        method that cannot serve this raises ``ValueError`` naming the option."""
 
     def stats(self) -> dict[str, Any]:
         """Extra statistics; ``device_bytes``/``host_bytes``/``disk_bytes`` add to the cache's own."""

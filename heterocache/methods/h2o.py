@@ -82,6 +82,18 @@ class H2O(Method):
             self.layer_scores[ctx.layer_idx] = compact(scores, mask)
         return mask
 
+    def on_batch_select(self, layer, indices: torch.Tensor) -> None:
+        if layer.layer_idx in self.layer_scores:
+            self.layer_scores[layer.layer_idx] = self.layer_scores[layer.layer_idx][indices]
+
+    def on_crop(self, layer, length: int) -> None:
+        """The scores follow the stored tokens that stay (``padded()`` order, as ``restrict`` keeps them)."""
+        stored = self.layer_scores.get(layer.layer_idx)
+        if stored is not None:
+            positions = layer.padded()[2]
+            scores = expand_compact(stored, positions >= 0)
+            self.layer_scores[layer.layer_idx] = compact(scores, (positions >= 0) & (positions < length))
+
     def on_decode_step(self, ctx: DecodeContext) -> None:
         if not self.decode_eviction:
             return

@@ -261,6 +261,34 @@ class Runtime:
         else:
             self.counters.exposed_s += fetched.seconds
 
+    # --- generate's edits: beam reorders, draft rejection ---------------------------------------
+    def select_rows(self, layer, indices: torch.Tensor) -> None:
+        """Before ``layer`` keeps batch rows ``indices (B',)`` (beam search): a pending refresh is applied
+        first (it addresses the old rows); references, budgets, buffered queries and tier rows follow."""
+        self.apply_pending(layer)
+        watch = self.layers.get(layer.layer_idx)
+        if watch is None:
+            return
+        rows = indices.to(watch.k.device)
+        for name in ("reference", "k", "valid", "budget"):
+            setattr(watch, name, getattr(watch, name).index_select(0, rows))
+        watch.buffer = [queries.index_select(0, rows) for queries in watch.buffer]
+        n_sat = len(watch.satellites)
+        tier_rows = (rows[:, None] * n_sat + torch.arange(n_sat, device=rows.device)).reshape(-1)
+        self.tier.select_rows(layer.layer_idx, tier_rows)
+
+    def crop(self, layer, length: int) -> None:
+        """Decode tokens may be dropped; prompt tokens may not: the satellites' tier copies and the
+        pivots' references are the whole prompt, which a refresh would bring back."""
+        watch = self.layers.get(layer.layer_idx)
+        if watch is not None and length < watch.length:
+            raise ValueError(
+                f"heterocache with retrieval={self.settings.retrieval!r} cannot drop prompt tokens (crop to "
+                f"{length} of a {watch.length}-token prompt), which assisted decoding (assistant_model= or "
+                "prompt_lookup_num_tokens=) does when it rejects its first draft: use retrieval='dynamic' (the "
+                "default) or retrieval='off', or generate without assisted decoding"
+            )
+
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = self.counters.as_stats()
         if self.tier is not None:

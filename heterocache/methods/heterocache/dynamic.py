@@ -124,6 +124,12 @@ class LayerSlots:
         return held
 
 
+def index_bytes(slots: LayerSlots) -> int:
+    """Device bytes of a layer's index: the summaries, the sketch basis and the int8 channel scales."""
+    return sum(t.numel() * t.element_size() for t in (slots.summaries, slots.basis, slots.channel_scale)
+               if t is not None)
+
+
 def page_means(keys: torch.Tensor, selectable: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``keys (n, T, D)``, ``selectable (n, T)`` -> mean selectable key per page ``(n, P, D)`` fp32 and
     ``has (n, P)``: the page holds a selectable token."""
@@ -279,25 +285,29 @@ class DynamicRetrieval:
 
     # --- prefill -------------------------------------------------------------------------------
     def watch(self, ctx, heads: list[int], static: torch.Tensor, counts: torch.Tensor,
-              scores: torch.Tensor) -> torch.Tensor:
+              scores: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
         """Keep the paged prompt K/V of ``heads`` (every batch row) in the tier, build their index, and
         return what to keep beyond ``static``, ``(B, len(heads), T)`` bool: the first dynamic pages (the
         best by prefill ``scores``; replaced at the first decode step) and the few remainder tokens
         that do not fill a page (kept statically, ``page_layout``).
 
         ``static (B, len(heads), T)``: the prefill's static part; ``counts (B, len(heads))``: dynamic
-        tokens per sequence (page multiples); ``scores (B, len(heads), T)``.
+        tokens per sequence (page multiples); ``scores (B, len(heads), T)``; ``rows``: the batch rows
+        that retrieve (default all; the others get nothing here and no slots).
         """
         b, _, length, d = ctx.keys.shape
+        rows = list(range(b)) if rows is None else rows
         if self.tier is None:
             self.tier = make_tier(self.settings.offload, ctx.keys.device, self.settings.offload_dir)
-        keys = ctx.keys[:, heads].reshape(-1, length, d)
-        values = ctx.values[:, heads].reshape(-1, length, d)
-        valid = ctx.valid[:, None, :].expand(-1, len(heads), -1).reshape(-1, length)
-        selectable = valid & ~static.reshape(-1, length)
-        flat_scores = scores.reshape(-1, length).float()
+        picked = rows if len(rows) < b else slice(None)
+        keys = ctx.keys[picked][:, heads].reshape(-1, length, d)
+        values = ctx.values[picked][:, heads].reshape(-1, length, d)
+        valid = ctx.valid[picked][:, None, :].expand(-1, len(heads), -1).reshape(-1, length)
+        selectable = valid & ~static[picked].reshape(-1, length)
+        flat_scores = scores[picked].reshape(-1, length).float()
+        counts = counts[picked]
         n_kv = ctx.n_kv_heads
-        seq = [row * n_kv + h for row in range(b) for h in heads]
+        seq = [row * n_kv + h for row in rows for h in heads]
         common = {"seq": seq, "scaling": ctx.scaling, "length": length, "every_row": seq == list(range(b * n_kv))}
         page = self.settings.page
         units = counts.reshape(-1) // page
@@ -330,7 +340,12 @@ class DynamicRetrieval:
                            channel_scale=scale, basis=basis, base=base, unit=page, page_positions=positions,
                            page_lse=self.settings.page_score == "lse", **common)
         self.layers[ctx.layer_idx] = slots
-        return (slots.held_tokens() | extra).view(b, len(heads), length)
+        held = (slots.held_tokens() | extra).view(len(rows), len(heads), length)
+        if len(rows) == b:
+            return held
+        out = torch.zeros((b, len(heads), length), dtype=torch.bool, device=held.device)
+        out[rows] = held
+        return out
 
     def _store_summaries(self, summary: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``summary (n, U, C)`` fp32 -> stored ``(n, C, U)`` in the summary dtype and, for int8, the
@@ -645,6 +660,62 @@ class DynamicRetrieval:
             self.counters.bytes += 2 * keys.numel() * keys.element_size()
             self.counters.tokens += positions.numel()
         slots.resident = wanted
+
+    # --- generate's edits: beam reorders, draft rejection ---------------------------------------
+    def select_rows(self, layer, indices: torch.Tensor) -> None:
+        """Before ``layer`` keeps batch rows ``indices (B',)`` in that order (beam search): every
+        per-sequence tensor of its slots and its slow-tier rows follow; the slots are mapped again
+        after the storage was rewritten (``_prepare``), held pages unchanged."""
+        slots = self.layers.get(layer.layer_idx)
+        if slots is None:
+            return
+        n_kv = layer.n_kv_heads
+        where = {seq: i for i, seq in enumerate(slots.seq)}
+        heads = sorted({seq % n_kv for seq in slots.seq})
+        seq, source = [], []
+        for row, old_row in enumerate(indices.tolist()):
+            for head in heads:
+                if old_row * n_kv + head in where:  # rows without retrieval (short prompts) have no slots
+                    seq.append(row * n_kv + head)
+                    source.append(where[old_row * n_kv + head])
+        src = torch.tensor(source, dtype=torch.long, device=slots.resident.device)
+        before = index_bytes(slots)
+        for name in ("resident", "counts", "summaries", "basis", "base", "page_positions", "channel_scale",
+                     "anchors", "anchored"):
+            value = getattr(slots, name)
+            if value is not None:
+                setattr(slots, name, value.index_select(0, src).contiguous())
+        slots.seq, slots.every_row = seq, seq == list(range(int(indices.shape[0]) * n_kv))
+        slots.width = int(slots.counts.max()) if len(seq) else 0
+        slots.uniform = bool((slots.counts == slots.width).all())
+        slots.slot_of = slots.current = None
+        slots.version = -1  # mapped again before the next refill
+        slots.native = slots.blocks = False
+        self.summary_bytes += index_bytes(slots) - before
+        self.tier.select_rows(layer.layer_idx, src)
+
+    def crop(self, layer, length: int) -> None:
+        """Before ``layer`` drops its tokens at positions ``>= length``: pages holding such a position are
+        never chosen again; a resident one leaves the dynamic slots (its surviving tokens stay, as static
+        tokens) and its sequence holds one page less."""
+        slots = self.layers.get(layer.layer_idx)
+        if slots is None or length >= slots.length:
+            return
+        gone = (slots.page_positions >= length).any(-1) & torch.isfinite(slots.base)  # (n, P)
+        if not bool(gone.any()):
+            return
+        slots.base.masked_fill_(gone, float("-inf"))
+        lost = gone & slots.resident
+        if bool(lost.any()):
+            slots.resident = slots.resident & ~gone
+            slots.counts = slots.counts - lost.sum(-1).to(slots.counts.dtype)
+            slots.width = int(slots.counts.max())
+            slots.uniform = bool((slots.counts == slots.width).all())
+            if slots.anchored is not None:
+                slots.anchored &= ~lost.any(-1)  # those sequences refill at their next step
+        slots.slot_of = slots.current = None
+        slots.version = -1
+        slots.native = slots.blocks = False
 
     def stats(self) -> dict[str, Any]:
         if self.skipped_pending is not None:

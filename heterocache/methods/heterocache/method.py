@@ -292,6 +292,7 @@ class HeteroCache(Method):
         self.layer_windows = list(cache.layer_windows)
         self.n_kv_heads, self.head_dim = cache.n_kv_heads, cache.head_dim
         self.plans: dict[tuple[float, int], tuple[list[list[int]], list[list[bool]]]] = {}
+        self.retrieving: dict[tuple[float, int], bool] = {}  # dynamic mode: prompt lengths served with retrieval
         self.runtime: Runtime | DynamicRetrieval | None = None
         if self.dynamic:
             self.runtime = DynamicRetrieval(DynamicSettings(self.resolved_index(cache.keep),
@@ -319,25 +320,27 @@ class HeteroCache(Method):
         return self.plans[key]
 
     def _dynamic_plan(self, keep: float, prompt_len: int) -> tuple[list[list[int]], list[list[bool]]]:
-        """No full heads; the total minus the page summaries' token-equivalent, split uniformly (or by
-        profile weights) with at least ``sinks + window + 1`` tokens per head."""
+        """No full heads; the total minus the index's token-equivalent, split uniformly (or by profile
+        weights). Where that leaves a head fewer than ``sinks + window + 1`` tokens or fewer than two
+        pages of dynamic slots (short prompts: the index costs more than it can pay back), the prompt
+        is served without retrieval (:meth:`retrieves`): no index, the whole total for static tokens,
+        sinks and recent tokens cut to what the budget pays for (``forced_keep``)."""
         n_layers, n_heads = len(self.layer_windows), self.n_kv_heads
         if keep >= 1.0:  # FullKV: nothing to retrieve, no summaries
             return [[prompt_len] * n_heads for _ in range(n_layers)], [[True] * n_heads for _ in range(n_layers)]
-        summary_bytes = self.summary_element_size
-        if self.resolved_index(keep) == "sketch":
-            rank = min(self.resolved_rank(keep), self.head_dim, prompt_len)
-            per_head = sketch_tokens(prompt_len, rank, self.head_dim, summary_bytes, self.kv_bytes)
-        else:
-            per_head = summary_tokens(prompt_len, self.resolved_page(keep), summary_bytes, self.kv_bytes)
-        retrieving = sum(window is None for window in self.layer_windows) * n_heads
-        total = total_budget(keep, prompt_len, n_layers, n_heads) - math.ceil(per_head * retrieving)
-        floor = min(prompt_len, self.sinks + self.window + 1)
-        if total < floor * n_layers * n_heads:
-            raise ValueError(f"keep={keep} leaves {max(total, 0)} tokens (after the page summaries) for "
-                             f"{n_layers * n_heads} heads; heterocache needs {floor} per head for a {prompt_len}-token "
-                             "prompt: raise keep, or use a larger page")
         heads = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+        total = total_budget(keep, prompt_len, n_layers, n_heads)
+        retrieving = sum(window is None for window in self.layer_windows) * n_heads
+        after_index = total - math.ceil(self._index_tokens(keep, prompt_len) * retrieving)
+        floor = min(prompt_len, self.sinks + self.window + 1)
+        per_head = after_index // len(heads)
+        dynamic = retrieving > 0 and after_index >= floor * len(heads) and \
+            int(per_head * self.dynamic_share) // self.resolved_page(keep) >= 2
+        self.retrieving[(keep, prompt_len)] = dynamic
+        if dynamic:
+            total = after_index
+        else:
+            floor = 0
         if self.split == "profile":
             records = {(h.layer, h.head): h for row in self.profile.heads for h in row}
             weights = [records[key].weight or 1.0 for key in heads]
@@ -346,6 +349,18 @@ class HeteroCache(Method):
         else:
             budgets = layer_uniform(min(total, len(heads) * prompt_len), n_layers, n_heads)
         return budgets, [[False] * n_heads for _ in range(n_layers)]
+
+    def _index_tokens(self, keep: float, prompt_len: int) -> float:
+        """Device cost of one retrieving head's index in kept-token units."""
+        if self.resolved_index(keep) == "sketch":
+            rank = min(self.resolved_rank(keep), self.head_dim, prompt_len)
+            return sketch_tokens(prompt_len, rank, self.head_dim, self.summary_element_size, self.kv_bytes)
+        return summary_tokens(prompt_len, self.resolved_page(keep), self.summary_element_size, self.kv_bytes)
+
+    def retrieves(self, keep: float, prompt_len: int) -> bool:
+        """Dynamic mode: whether prompts of this length get dynamic slots and an index (see ``_dynamic_plan``)."""
+        self.plan(keep, prompt_len)
+        return self.retrieving.get((keep, prompt_len), False)
 
     @property
     def summary_element_size(self) -> int:
@@ -403,13 +418,19 @@ class HeteroCache(Method):
         scores = self.scores(ctx)
         recent = recent_tokens(ctx.budget, self.window, self.recent_fraction)
         sinks = 0 if ctx.window is not None else self.sinks  # the model's first tokens are out of reach
-        if isinstance(self.runtime, DynamicRetrieval) and ctx.window is None:
+        rows = [] if not isinstance(self.runtime, DynamicRetrieval) or ctx.window is not None else \
+            [row for row, n in enumerate(ctx.prompt_lengths.tolist()) if self.retrieves(ctx.keep, n)]
+        if rows:
             dynamic_count = (ctx.budget.float() * self.dynamic_share).long()
             page = self.runtime.settings.page  # whole pages are fetched
             dynamic_count = dynamic_count // page * page
+            if len(rows) < ctx.budget.shape[0]:  # rows served without retrieval: all static
+                retrieving = torch.zeros(ctx.budget.shape[0], dtype=torch.bool, device=dynamic_count.device)
+                retrieving[rows] = True
+                dynamic_count = dynamic_count * retrieving[:, None]
             static = select_with_forced(scores, ctx.valid, ctx.budget - dynamic_count, sinks, recent)
             # + the first dynamic pages (the next best prefill scores; replaced at the first decode step)
-            return static | self.runtime.watch(ctx, list(range(ctx.n_kv_heads)), static, dynamic_count, scores)
+            return static | self.runtime.watch(ctx, list(range(ctx.n_kv_heads)), static, dynamic_count, scores, rows)
         chosen = select_with_forced(scores, ctx.valid, ctx.budget, sinks, recent)
         keep = torch.where(full[..., None], keep, chosen)
         if isinstance(self.runtime, Runtime) and ctx.window is None:
@@ -430,6 +451,14 @@ class HeteroCache(Method):
     def on_decode_step(self, ctx: DecodeContext) -> None:
         if isinstance(self.runtime, Runtime):
             self.runtime.observe(ctx)
+
+    def on_batch_select(self, layer, indices: torch.Tensor) -> None:
+        if self.runtime is not None:
+            self.runtime.select_rows(layer, indices)
+
+    def on_crop(self, layer, length: int) -> None:
+        if self.runtime is not None:
+            self.runtime.crop(layer, length)
 
     def stats(self) -> dict[str, Any]:
         return self.runtime.stats() if self.runtime is not None else {}

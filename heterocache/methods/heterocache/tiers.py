@@ -73,6 +73,14 @@ class MemoryTier(Tier):
         """``keys/values (n, T, D)``; copied (the caller's tensors are freed after prefill)."""
         self.layers[layer] = (keys.detach().to(self.device, copy=True), values.detach().to(self.device, copy=True))
 
+    def select_rows(self, layer: int, rows: torch.Tensor) -> None:
+        """Keep stored rows ``rows (n',)`` of ``layer`` in that order (beam search's reorder)."""
+        keys, values = self.layers[layer]
+        rows = rows.to(keys.device)
+        if rows.numel() == keys.shape[0] and torch.equal(rows, torch.arange(keys.shape[0], device=keys.device)):
+            return
+        self.layers[layer] = (keys.index_select(0, rows), values.index_select(0, rows))
+
     def shares_memory_with(self, device: torch.device) -> bool:
         """The stored copies live where the cache does (host tier of a CPU model, ``offload="none"``):
         reading them costs a local copy, no transfer."""
@@ -121,11 +129,13 @@ class DiskTier(Tier):
         else:
             self.directory = check_directory(directory)
             self.owned = False
+        self.versions: dict[int, int] = {}  # rewrites of a layer's file (select_rows)
 
     def put(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         if keys.dtype not in _NUMPY:
             keys, values = keys.float(), values.float()  # bf16 has no numpy dtype: widen on disk
-        path = self.directory / f"layer{layer:03d}.safetensors"
+        version = self.versions.get(layer, 0)
+        path = self.directory / (f"layer{layer:03d}.safetensors" if not version else f"layer{layer:03d}-{version}.safetensors")
         save_file({"keys": keys.detach().cpu().contiguous(), "values": values.detach().cpu().contiguous()}, str(path))
         self.layers[layer] = self._map(path) + (path,)
 
@@ -143,6 +153,19 @@ class DiskTier(Tier):
             flat = np.memmap(path, dtype=dtype, mode="r", offset=8 + header_len + start, shape=(count,))
             out.append(flat.reshape(meta["shape"]))
         return tuple(out)
+
+    def select_rows(self, layer: int, rows: torch.Tensor) -> None:
+        """Keep stored rows ``rows (n',)`` of ``layer`` in that order: rewritten into a new file (the old
+        one stays mapped until it is replaced, then is removed)."""
+        keys, values, path = self.layers[layer]
+        index = rows.cpu().numpy()
+        kept = [torch.from_numpy(np.ascontiguousarray(stored[index])) for stored in (keys, values)]
+        self.versions[layer] = self.versions.get(layer, 0) + 1
+        self.put(layer, kept[0], kept[1])
+        try:
+            os.remove(path)
+        except OSError:
+            pass
 
     def gather(self, layer: int, rows: torch.Tensor, positions: torch.Tensor):
         keys, values, _ = self.layers[layer]
