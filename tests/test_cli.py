@@ -47,6 +47,8 @@ BAD_INPUT = [
     (["generate", "--prompt", "hi", "--method", "snapkv", "--option", "nosuch=1"], "nosuch"),
     (["generate", "--prompt", "hi", "--method", "snapkv", "--option", "window"], "NAME=VALUE"),
     (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["generate", "--prompt", "hi", "--model", "{a_file}"], "is not a GGUF file"),
+    (["generate", "--prompt", "hi", "--model", "/nonexistent/m.gguf"], "/nonexistent/m.gguf"),
     # demo
     (["demo", "--methods", "full,bogus"], "bogus"),
     (["demo", "--keep", "0"], "keep"),
@@ -59,6 +61,7 @@ BAD_INPUT = [
     (["profile", "--sim-threshold", "quantile:7"], "sim"),
     (["profile", "--out", "{tmp}"], "--out"),
     (["profile", "--plot", "{a_file}/heads.png"], "--plot"),
+    (["profile", "--model", "/nonexistent/m.gguf"], "/nonexistent/m.gguf"),
     # eval
     (["eval", "passkey", "--methods", "full,snapkv", "--option", "snapkv.nosuch=1"], "nosuch"),
     (["eval", "passkey", "--methods", "full,bogus"], "bogus"),
@@ -71,6 +74,7 @@ BAD_INPUT = [
     (["eval", "passkey", "--dtype", "float8"], "--dtype"),
     (["eval", "fidelity", "--methods", "full,kvpress:nope"], "unknown peer method 'kvpress:nope'"),
     (["eval", "passkey", "--sequential", "1"], "--sequential"),
+    (["eval", "passkey", "--model", "{a_file}"], "is not a GGUF file"),
     (["eval", "niah", "--sequential", "3"], "--sequential"),
     (["demo", "--question-mode", "later"], "--question-mode"),
     # report
@@ -86,6 +90,9 @@ BAD_INPUT = [
     (["bench", "--methods", "snapkv", "--option", "h2o.window=3"], "no selected method"),
     (["bench", "--layers", "2"], "--layers"),
     (["bench", "--out", "{a_file}"], "--out"),
+    (["bench", "--model", "/nonexistent/model-dir"], "/nonexistent/model-dir"),
+    # model
+    (["model", "fetch", "bogus"], "invalid choice"),
     # methods
     (["methods", "--bogus"], "--bogus"),
 ]
@@ -114,7 +121,8 @@ def test_a_broken_subcommand_module_is_not_silently_dropped(monkeypatch):
 
 def test_every_subcommand_is_registered():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    assert set(sub.choices) == {"methods", "generate", "demo", "profile", "eval", "report", "bench"}
+    assert set(sub.choices) == {"methods", "generate", "demo", "profile", "eval", "report", "bench",
+                                "model"}
 
 
 def test_option_syntax_splits_the_method_at_the_last_dot():

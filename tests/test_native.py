@@ -349,3 +349,17 @@ def test_slots_are_laid_out_at_the_end_of_the_prefill():
             out = model(out.logits[:, -1:].argmax(-1), **cache_kwargs(cache, model))
     stats = cache.stats()
     assert stats["retrieval_layout_s"] == mapped and stats["retrieval_refreshes"] == 2 * 12
+
+
+def test_the_build_folder_follows_HETEROCACHE_CACHE_DIR(tmp_path, monkeypatch):
+    """One variable names the cache root for models, profiles and native builds alike."""
+    import os
+
+    from heterocache.models import cache_root
+
+    monkeypatch.setenv("HETEROCACHE_CACHE", str(tmp_path / "old-name"))  # the former variable: ignored
+    monkeypatch.setenv("HETEROCACHE_CACHE_DIR", str(tmp_path / "root"))
+    assert native.cache_dir() == cache_root() / "native" == tmp_path / "root" / "native"
+    built = native._build(os.environ.get("CC", "cc"), flag_sets=(["-O0", "-fPIC", "-shared"],))
+    assert built.is_file() and built.parent.parent == tmp_path / "root" / "native"
+    assert not (tmp_path / "old-name").exists()

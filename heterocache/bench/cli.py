@@ -9,10 +9,12 @@ import heterocache.bench
 from heterocache.bench.models import ARCHITECTURES
 from heterocache.eval.arguments import (
     DTYPES,
+    MODEL_HELP,
     at_least,
     csv,
     device,
     method_options,
+    model_name,
     output_dir,
     parse_keeps,
     parse_methods,
@@ -84,7 +86,7 @@ def add_bench_command(subparsers) -> None:
     p.add_argument("--max-batch", action="store_true",
                    help="find the largest batch that fits per method (CUDA; doubling + bisection)")
     p.add_argument("--max-batch-limit", type=at_least(1), default=256)
-    p.add_argument("--model", default="embedded", help="local HF directory or hub id (default: embedded SmolLM2)")
+    p.add_argument("--model", type=model_name, default="embedded", help=MODEL_HELP)
     p.add_argument("--model-config", choices=sorted(ARCHITECTURES), default=None,
                    help="random-weight model of that architecture (timing only; bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--layers", type=at_least(1), default=None, help="decoder layers of the --model-config model")

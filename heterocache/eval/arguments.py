@@ -20,6 +20,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+MODEL_HELP = ("the embedded SmolLM2-135M (default), a .gguf file, qwen2.5-coder-0.5b (`make long-model`), a local "
+              "HF directory or a hub id")
 DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")  # what models.load_model accepts
 
 
@@ -106,6 +108,22 @@ def _check_creatable(path: Path, text: str) -> None:
         raise argparse.ArgumentTypeError(f"{text!r}: {ancestor} is not a directory")
     if not os.access(ancestor, os.W_OK):
         raise argparse.ArgumentTypeError(f"{text!r}: {ancestor} is not writable")
+
+
+def model_name(text: str) -> str:
+    """argparse type of ``--model``: checked without loading weights (models.check_model_name).
+
+    A ``.gguf`` file must exist and be a readable GGUF file of an architecture transformers can
+    dequantise; ``qwen2.5-coder-0.5b`` must be installed (``make long-model``); a local path must
+    exist; the embedded model and hub ids pass.
+    """
+    from heterocache.models import check_model_name
+
+    try:
+        check_model_name(text)
+    except (ValueError, FileNotFoundError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def device(text: str) -> str:

@@ -11,11 +11,13 @@ from pathlib import Path
 
 from heterocache.eval.arguments import (
     DTYPES,
+    MODEL_HELP,
     at_least,
     csv,
     device,
     input_dir,
     method_options,
+    model_name,
     output_dir,
     parse_keeps,
     parse_methods,
@@ -168,7 +170,7 @@ def add_eval_commands(subparsers) -> None:
     p.add_argument("--methods", default="full,snapkv", help="comma-separated (default: full,snapkv)")
     p.add_argument("--keep", default="0.5,0.25,0.1", help="comma-separated kept fractions (full runs at 1.0)")
     p.add_argument("--out", type=output_dir, help="run directory (default: results/SUITE)")
-    p.add_argument("--model", default=None, help="local HF directory or hub id (default: embedded SmolLM2-135M)")
+    p.add_argument("--model", type=model_name, default=None, help=MODEL_HELP)
     p.add_argument("--device", type=device, default=None)
     p.add_argument("--dtype", choices=DTYPES, default=None)
     p.add_argument("--option", action="append", metavar="[METHOD.]NAME=VALUE", help="method option (repeatable)")

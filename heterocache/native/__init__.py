@@ -3,7 +3,8 @@
 ``refill.c`` fuses one layer's dynamic-slot refill (index scoring, top-k, pairing, block copies) into
 one call; the PyTorch path in ``methods/heterocache/dynamic.py`` is its reference (tests/test_native.py).
 The library is built with the system C compiler (``$CC``, else ``cc``) into
-``~/.cache/heterocache/native/<hash>/`` (the hash covers the source, the flags and this CPU, since
+``cache_root() / "native" / <hash>/`` (``$HETEROCACHE_CACHE_DIR/native``, by default
+``~/.cache/heterocache/native``; the hash covers the source, the flags and this CPU, since
 ``-march=native`` code only runs where it was built). Without a compiler, or with
 ``HETEROCACHE_NATIVE=0``, :func:`refill_library` returns None and callers use the PyTorch path;
 :func:`unavailable_reason` says why.
@@ -47,7 +48,10 @@ _tried = False
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("HETEROCACHE_CACHE", Path.home() / ".cache" / "heterocache")) / "native"
+    """Folder of the built libraries: ``cache_root() / "native"`` (follows ``HETEROCACHE_CACHE_DIR``)."""
+    from heterocache.store import cache_root
+
+    return cache_root() / "native"
 
 
 def _cpu_tag() -> str:

