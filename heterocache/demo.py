@@ -7,7 +7,9 @@ when the answer's first number is the key) through its compressed cache. By defa
 (``question_mode="decode"``: the context is compressed without knowing the question, what a
 cached-context or multi-turn user gets), so a method must keep, or fetch back, what the question
 will need. The table shows the answers, hits, the measured kept fraction, device and host bytes of
-the cache, and bytes fetched from the slow tier per decoded token. Results go to
+the cache, bytes fetched from the slow tier per decoded token and, for methods with HeteroCache's drift
+gate (``refresh_drift``), the share of refills the gate skipped (``retrieval_skipped /
+retrieval_checked`` over the method's samples; "-" for methods without one). Results go to
 ``OUT/demo.json``, ``OUT/demo.md`` and ``OUT/demo.png``.
 """
 
@@ -40,7 +42,7 @@ def run_demo(methods: list[str], keep: float, out_dir: Path, length: int = 3000,
     rows = []
     for method in methods:
         method_keep = 1.0 if method == "full" else keep
-        answers, hits, kept, device, host, speeds, triggers, moved, steps = [], 0, [], [], [], [], 0, 0, 0
+        answers, hits, kept, device, host, speeds, sample_stats, moved, steps = [], 0, [], [], [], [], [], 0, 0
         for sample in samples:
             context_ids, rest_ids = encode_prompt(tok, sample)
             cache = Feeder.open(model, method, method_keep)
@@ -57,13 +59,14 @@ def run_demo(methods: list[str], keep: float, out_dir: Path, length: int = 3000,
             steps += max(1, stats["seen_tokens"] - len(context_ids))  # tokens through the decode path
             if result["tokens_per_s"]:
                 speeds.append(result["tokens_per_s"])
-            triggers += int(stats.get("retrieval_triggers", 0))
+            sample_stats.append(stats)
         rows.append({
             "method": method, "keep": method_keep, "answers": answers, "gold": [s.gold[0] for s in samples],
             "correct": hits, "total": len(samples), "keep_fraction": sum(kept) / len(kept),
             "device_mb": sum(device) / len(device) / 2**20, "host_mb": sum(host) / len(host) / 2**20,
             "fetched_kb_per_token": moved / steps / 1024,
-            "decode_tokens_per_s": sum(speeds) / len(speeds) if speeds else 0.0, "retrieval_triggers": triggers,
+            "decode_tokens_per_s": sum(speeds) / len(speeds) if speeds else 0.0,
+            "refills_skipped": skipped_share(sample_stats),
         })
         print(f"  {method}: {hits}/{len(samples)}")
     table = format_table(rows, length, question_mode)
@@ -79,14 +82,26 @@ def format_table(rows: list[dict], length: int, question_mode: str) -> str:
     asked = "after compression (decode path)" if question_mode == "decode" else "inside the compressed prompt"
     lines = [f"Passkey in ~{length} essay tokens (depths 0.1 / 0.5 / 0.9), question asked {asked}", "",
              "| method | keep | answers (gold) | correct | kept fraction | device KV MB | host/disk MB | "
-             "fetched KB/token | decode tok/s | triggers |",
+             "fetched KB/token | decode tok/s | refills skipped |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         answers = ", ".join(f"{_short(a)} ({g})" for a, g in zip(r["answers"], r["gold"]))
         lines.append(f"| {r['method']} | {r['keep']:g} | {answers} | {r['correct']}/{r['total']} | "
                      f"{r['keep_fraction']:.3f} | {r['device_mb']:.1f} | {r['host_mb']:.1f} | "
-                     f"{r['fetched_kb_per_token']:.1f} | {r['decode_tokens_per_s']:.1f} | {r['retrieval_triggers']} |")
+                     f"{r['fetched_kb_per_token']:.1f} | {r['decode_tokens_per_s']:.1f} | {_share(r['refills_skipped'])} |")
     return "\n".join(lines)
+
+
+def skipped_share(stats: list[dict]) -> float | None:
+    """Share of refills the drift gate skipped over ``stats`` (one ``cache.stats()`` per sample):
+    ``sum(retrieval_skipped) / sum(retrieval_checked)``; None when no sample had a gate decision."""
+    checked = sum(int(s.get("retrieval_checked", 0) or 0) for s in stats)
+    skipped = sum(int(s.get("retrieval_skipped", 0) or 0) for s in stats)
+    return skipped / checked if checked else None
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
 
 
 def _short(answer: str) -> str:

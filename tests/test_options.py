@@ -109,3 +109,27 @@ def test_profile_heads_refuses_booleans_for_numbers(model, argument):
     name = next(iter(argument))
     with pytest.raises(ValueError, match=name):
         hc.profile_heads(model, input_ids=torch.arange(8), cache_dir=False, progress=False, **argument)
+
+
+def test_prompt_beyond_the_context_window_warns_once():
+    """4,200 tokens into a model with 4,096 positions: one warning naming both lengths (not an error:
+    users who extend RoPE go there on purpose); within the window: none."""
+    import warnings
+
+    from conftest import tiny_model
+
+    model = tiny_model("llama", max_positions=4096)
+    ids = torch.randint(3, 128, (1, 4200), generator=torch.Generator().manual_seed(0))
+    cache = hc.make_cache(model, "snapkv", 0.25)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            model.generate(ids, **cache_kwargs(cache, model), max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    mine = [w for w in caught if "context window" in str(w.message)]
+    assert len(mine) == 1 and "4200 tokens" in str(mine[0].message) and "4096" in str(mine[0].message)
+    cache = hc.make_cache(model, "snapkv", 0.25)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            model.generate(ids[:, :4000], **cache_kwargs(cache, model), max_new_tokens=3, do_sample=False)
+    assert not [w for w in caught if "context window" in str(w.message)]
