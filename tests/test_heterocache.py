@@ -12,10 +12,10 @@ from heterocache.budget import allocate
 from heterocache.cache import HeadwiseCache
 from heterocache.hf import cache_kwargs
 from heterocache.methods.heterocache import HeteroCache
-from heterocache.methods.heterocache.tiers import DiskTier, MemoryTier
 from heterocache.methods.scoring import select_with_forced
 from heterocache.methods.snapkv import window_votes
 from heterocache.profiling.profile import HeadProfile, HeadRecord, model_fingerprint
+from heterocache.retrieval.tiers import DiskTier, MemoryTier
 
 ROLES = [["pivot", "satellite", "satellite", "anchor"], ["volatile", "pivot", "satellite", "anchor"]]
 

@@ -14,8 +14,8 @@ from heterocache.budget import total_budget
 from heterocache.cache import HeadwiseCache
 from heterocache.hf import cache_kwargs
 from heterocache.methods.heterocache import HeteroCache
-from heterocache.methods.heterocache.dynamic import page_means, summary_tokens
 from heterocache.methods.heterocache.expected import expected_attention
+from heterocache.retrieval.index import page_means, summary_tokens
 
 
 def _rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -78,7 +78,7 @@ def test_auto_index_page_and_rank_follow_keep():
 
 
 def test_page_layout_cuts_selectable_tokens_into_pages():
-    from heterocache.methods.heterocache.dynamic import page_layout
+    from heterocache.retrieval.slots import page_layout
 
     selectable = torch.tensor([[True, True, False, True, True, True, True, False, True],
                                [True, True, True, False, False, False, False, False, False]])
@@ -170,7 +170,9 @@ def test_dynamic_options_are_validated(option, value, match):
 def test_full_rank_sketch_selects_the_exact_top_pages(lse):
     """With rank = D the sketch is exact: a page scores as the log-sum-exp (or the max) of its tokens'
     shifted logits."""
-    from heterocache.methods.heterocache.dynamic import LayerSlots, choose, key_sketch, unit_scores
+    from heterocache.methods.heterocache.dynamic import choose, unit_scores
+    from heterocache.retrieval.index import SummaryIndex, key_sketch
+    from heterocache.retrieval.slots import PagedSlots
 
     gen = torch.Generator().manual_seed(5)
     n, pages, page, d, width = 2, 10, 4, 8, 3
@@ -179,10 +181,10 @@ def test_full_rank_sketch_selects_the_exact_top_pages(lse):
     sketch, basis = key_sketch(keys, torch.ones(n, pages * page, dtype=torch.bool), d)  # rank = D: exact
     base = torch.zeros(n, pages)
     base[:, 0] = float("-inf")  # a padding page
-    slots = LayerSlots(seq=[0, 1], resident=torch.zeros(n, pages, dtype=torch.bool), counts=torch.full((n,), width),
-                       width=width, summaries=sketch.view(n, pages, page, d).transpose(1, 2).reshape(n, -1, d)
-                       .transpose(1, 2).contiguous(), basis=basis * 0.3, scaling=0.3,  # unit-major columns
-                       base=base, length=pages * page, unit=page, page_lse=lse,
+    summaries = sketch.view(n, pages, page, d).transpose(1, 2).reshape(n, -1, d).transpose(1, 2).contiguous()
+    index = SummaryIndex("sketch", summaries, basis * 0.3, None, 0.3, page, page_lse=lse, channels=d)  # unit-major
+    slots = PagedSlots(seq=[0, 1], resident=torch.zeros(n, pages, dtype=torch.bool), counts=torch.full((n,), width),
+                       width=width, base=base, length=pages * page, unit=page, scaling=0.3, index=index,
                        page_positions=torch.arange(pages * page).view(1, pages, page).expand(n, -1, -1))
     chosen = choose(slots, queries, 0.0)
     logits = ((queries @ keys.transpose(1, 2)) * 0.3).view(n, 3, pages, page)  # (n, 3, P, page)
@@ -194,7 +196,7 @@ def test_full_rank_sketch_selects_the_exact_top_pages(lse):
 
 
 def test_sketch_index_is_paid_from_the_budget():
-    from heterocache.methods.heterocache.dynamic import sketch_tokens
+    from heterocache.retrieval.index import sketch_tokens
 
     model = tiny_model("llama", layers=2, heads=8, kv_heads=4)
     ids, mask = left_padded_batch([200], seed=4)
@@ -208,7 +210,7 @@ def test_sketch_index_is_paid_from_the_budget():
     stats = cache.stats()
     # per head: int8 sketch of its paged (non-static) tokens x rank 4, fp32 basis (16 x 4), fp32 scale (4),
     # within what the budget paid for (every prompt token sketched)
-    sketched = sum(slots.summaries.numel() for slots in cache.method.runtime.layers.values())  # int8 bytes
+    sketched = sum(slots.index.summaries.numel() for slots in cache.method.runtime.layers.values())  # int8 bytes
     assert stats["summary_bytes"] == sketched + 8 * (16 * 4 * 4 + 4 * 4) <= 8 * (200 * 4 + 16 * 4 * 4 + 4 * 4)
     assert stats["retrieval_refreshes"] == 2 * 2
 
@@ -248,17 +250,17 @@ def test_block_swap_matches_the_token_swap(index):
 
 def test_int8_summaries_are_scaled_per_channel():
     """Channels of any magnitude keep their shape: each is rounded on its own scale (max / 127)."""
-    from heterocache.methods.heterocache.dynamic import DynamicRetrieval, DynamicSettings
+    from heterocache.retrieval.index import SummaryIndex, quantize
 
-    runtime = DynamicRetrieval(DynamicSettings("pages", 4, 16, 0.0, torch.int8, "host", None))
     summary = torch.randn(2, 10, 3, generator=torch.Generator().manual_seed(0))
     summary[:, :, 0] *= 5000.0  # one huge channel
-    stored, scale = runtime._store_summaries(summary)
+    stored, scale = quantize(summary, torch.int8)
     assert stored.dtype == torch.int8 and stored.shape == (2, 3, 10) and scale.shape == (2, 1, 3)
     restored = stored.float().transpose(1, 2) * scale
     step = summary.abs().amax(1, keepdim=True) / 127  # the channel's rounding step
     assert bool(((restored - summary).abs() <= step / 2 + 1e-6 * step).all())
-    assert runtime.summary_bytes == 2 * 3 * 10 + 2 * 3 * 4  # int8 values + fp32 scales
+    index = SummaryIndex("pages", stored, None, scale, 1.0, 4, channels=3)
+    assert index.nbytes() == 2 * 3 * 10 + 2 * 3 * 4  # int8 values + fp32 scales
 
 
 def test_block_layout_stays_unit_aligned_when_buckets_grow():
@@ -320,7 +322,7 @@ def test_drift_gate_keeps_the_pages_while_the_query_stays_close(refill):
         stats = cache.stats()
         assert stats["retrieval_checked"] == 3
         assert stats["retrieval_skipped"] == (1 if refills else 2)
-        assert cache.method.runtime.layers[0].native == (refill == "auto")  # the C gate, and its reference
+        assert (cache.method.runtime.layers[0].native is not None) == (refill == "auto")  # the C gate, and its reference
 
 
 def test_refresh_drift_must_be_non_negative():

@@ -19,8 +19,8 @@ import heterocache as hc
 from heterocache.budget import sliding_cap, total_budget
 from heterocache.hf import cache_kwargs
 from heterocache.methods.heterocache import HeteroCache
-from heterocache.methods.heterocache.dynamic import sketch_tokens, summary_tokens
 from heterocache.models import layer_windows
+from heterocache.retrieval.index import sketch_tokens, summary_tokens
 
 LENGTHS = [53, 30]  # odd prompt length, left padding in row 1
 NEW_TOKENS = 4
@@ -81,6 +81,28 @@ def _expected(method: str, keep: float, n: int, n_layers: int, n_kv: int, retrie
     return total
 
 
+RETRIEVING_PEERS = {"quest", "shadowkv", "omnikv"}  # methods on the shared retrieval engine, metadata paid
+
+
+def _peer_metadata_tokens(cache) -> float:
+    """A retrieving peer's own device bytes (indexes, landmarks, low-rank factors) in kept-token units;
+    a device-resident tier (Quest as published) is not paid from the budget."""
+    stats = cache.method.stats()
+    own = stats["device_bytes"] - (stats.get("device_tier_bytes", 0))
+    layer = next(layer for layer in cache.layers if layer.buckets)
+    return own / (2 * layer.head_dim * torch.empty((), dtype=layer.dtype).element_size())
+
+
+def _check_peer_accounting(cache, kept_total: int, total: int, retrieving_heads: int) -> None:
+    """Kept prompt tokens + the metadata's token-equivalent stay within the total of DESIGN s.2; what a
+    retrieving head leaves unused is less than two pages (a remainder token costs a page of slots, and
+    the slots are whole pages)."""
+    meta = _peer_metadata_tokens(cache)
+    page = getattr(cache.method, "page", 1)
+    assert kept_total + meta <= total + 1e-6
+    assert kept_total + meta > total - 2 * page * retrieving_heads - 1
+
+
 @functools.cache
 def _reference(family: str) -> torch.Tensor:
     model = _model(family)
@@ -124,6 +146,9 @@ def test_method_matrix(family, method, keep):
         page = cache.method.resolved_page(keep)
         for got, want, r in zip(kept.sum(dim=(0, 2)).tolist(), expected, retrieves):
             assert want - page * n_layers * n_kv < got <= want if r else got == want
+        assert stats["keep_fraction"] <= keep + 1e-9
+    elif method in RETRIEVING_PEERS and cache.method.engine.layers:
+        _check_peer_accounting(cache, int(kept.sum()), sum(expected), len(LENGTHS) * n_layers * n_kv)
         assert stats["keep_fraction"] <= keep + 1e-9
     else:
         assert kept.sum(dim=(0, 2)).tolist() == expected
@@ -203,6 +228,8 @@ def test_hybrid_method_matrix(family, method, keep):
         page = prefill.method.resolved_page(keep)
         for got, want, r in zip(kept.sum(dim=(0, 2)).tolist(), expected, retrieves):
             assert want - page * retrieving * n_kv <= got <= want if r else got == want
+    elif method in RETRIEVING_PEERS and keep < 1.0 and prefill.method.engine.layers:
+        _check_peer_accounting(prefill, int(kept.sum()), sum(expected), len(LENGTHS) * retrieving * n_kv)
     else:
         assert kept.sum(dim=(0, 2)).tolist() == expected
     for layer, window in zip(prefill.layers, windows):
@@ -266,6 +293,9 @@ def test_every_prompt_length(family, method):
                 want = min(_expected(method, keep, n, n_layers, n_kv, retrieving, model.config.head_dim), capacity)
                 page = prefill.method.resolved_page(keep)
                 assert want - page * retrieving * n_kv <= kept <= want, (keep, n)
+            elif method in RETRIEVING_PEERS and prefill.method.engine.layers:
+                _check_peer_accounting(prefill, kept, min(total_budget(keep, n, n_layers, n_kv), capacity),
+                                       retrieving * n_kv)
             else:
                 assert kept == min(total_budget(keep, n, n_layers, n_kv), capacity), (keep, n)
             assert prefill.stats()["keep_fraction"] == pytest.approx(kept / (n * n_layers * n_kv))

@@ -115,7 +115,9 @@ def test_native_refill_of_ragged_rows_matches_the_token_swap(index, lengths):
 def test_native_refill_holds_the_top_pages_of_a_constructed_query():
     """Rank = D sketch (exact scores), one query that points at three known pages: after one refill
     the dynamic slots hold exactly those pages, copied bit-exact from the tier."""
-    from heterocache.methods.heterocache.dynamic import LayerSlots, choose, key_sketch, to_blocks
+    from heterocache.methods.heterocache.dynamic import choose
+    from heterocache.retrieval.index import SummaryIndex, key_sketch
+    from heterocache.retrieval.slots import PagedSlots, to_blocks
 
     gen = torch.Generator().manual_seed(1)
     n, pages, page, d, width = 2, 12, 4, 8, 3
@@ -143,9 +145,10 @@ def test_native_refill_holds_the_top_pages_of_a_constructed_query():
         bucket_positions[:, slot * page:(slot + 1) * page] = torch.arange(p * page, (p + 1) * page)
 
     def slots():
-        return LayerSlots(seq=[0, 1], resident=resident.clone(), counts=torch.full((n,), width), width=width,
-                          summaries=summaries, basis=basis.contiguous(), scaling=1.0, base=torch.zeros(n, pages),
-                          length=pages * page, unit=page, page_positions=positions, current=current.clone())
+        index = SummaryIndex("sketch", summaries, basis.contiguous(), None, 1.0, page, channels=d)
+        return PagedSlots(seq=[0, 1], resident=resident.clone(), counts=torch.full((n,), width), width=width,
+                          base=torch.zeros(n, pages), length=pages * page, unit=page, page_positions=positions,
+                          current=current.clone(), index=index)
 
     reference = slots()
     assert [sorted(r) for r in choose(reference, queries, 0.0).tolist()] == targets
@@ -157,7 +160,7 @@ def test_native_refill_holds_the_top_pages_of_a_constructed_query():
     blocks = to_blocks(summaries, page, native.refill_library().hc_block())  # the C routine's index layout
     job = native.RefillJob(
         n=n, rows=1, dim=d, channels=d, pages=pages, group=page, queries=queries.data_ptr(),
-        qmat=fast.basis.data_ptr(), alpha=1.0, summaries=blocks.data_ptr(), summary_int8=0,
+        qmat=fast.index.basis.data_ptr(), alpha=1.0, summaries=blocks.data_ptr(), summary_int8=0,
         base=fast.base.data_ptr(), stick=0.0, page_lse=0, resident=fast.resident.data_ptr(), width=width,
         counts=counts.data_ptr(), current=fast.current.data_ptr(), tier_keys=keys.data_ptr(),
         tier_values=values.data_ptr(), token_bytes=d * 4, page_positions=positions.data_ptr(), unit=page,
@@ -215,7 +218,9 @@ def _random_refill(library, rows: int, pages: int, int8: bool, lse: bool, seed: 
     """One C refill on a random sketch index (``pages`` pages of 8 tokens, rank 16, 3 sequences)
     against ``choose``: the same pages wanted per sequence, each incoming page copied bit-exact into a
     freed unit slot."""
-    from heterocache.methods.heterocache.dynamic import LayerSlots, choose, to_blocks
+    from heterocache.methods.heterocache.dynamic import choose
+    from heterocache.retrieval.index import SummaryIndex
+    from heterocache.retrieval.slots import PagedSlots, to_blocks
 
     gen = torch.Generator().manual_seed(seed)
     n, d, rank, page, width = 3, 32, 16, 8, max(2, pages // 5)
@@ -236,12 +241,12 @@ def _random_refill(library, rows: int, pages: int, int8: bool, lse: bool, seed: 
     positions = torch.arange(n * pages * page).view(n, pages, page)
     capacity = width * page + 5
     storage = [torch.zeros(n, capacity, d), torch.zeros(n, capacity, d), torch.full((n, capacity), -1, dtype=torch.int32)]
-    common = dict(seq=list(range(n)), counts=torch.full((n,), width), width=width, basis=basis, scaling=1.0,
-                  base=base, length=pages * page, unit=page, page_positions=positions, channel_scale=scale,
-                  page_lse=lse)
-    reference = LayerSlots(resident=resident.clone(), summaries=summaries, **common)
+    index = SummaryIndex("sketch", summaries, basis, scale, 1.0, page, page_lse=lse, channels=rank)
+    common = dict(seq=list(range(n)), counts=torch.full((n,), width), width=width, base=base, length=pages * page,
+                  unit=page, page_positions=positions, index=index)
+    reference = PagedSlots(resident=resident.clone(), **common)
     wanted = [sorted(r) for r in choose(reference, queries, 0.0).tolist()]
-    fast = LayerSlots(resident=resident.clone(), summaries=summaries, current=current.clone(), **common)
+    fast = PagedSlots(resident=resident.clone(), current=current.clone(), **common)
     counts = torch.full((n,), width)
     seq_bucket, seq_row = torch.zeros(n, dtype=torch.long), torch.arange(n)
     buckets = (ctypes.c_int64 * 4)(*[t.data_ptr() for t in storage], capacity)
@@ -284,7 +289,7 @@ def test_native_scoring_kernels_match_choose_on_random_indexes(kernel, rows, pag
 
 
 def test_block_layout_round_trip():
-    from heterocache.methods.heterocache.dynamic import from_blocks, to_blocks
+    from heterocache.retrieval.slots import from_blocks, to_blocks
 
     summaries = torch.randint(-127, 128, (2, 5, 8 * 150), dtype=torch.int8)
     blocks = to_blocks(summaries, 8, 64)
@@ -298,7 +303,9 @@ def test_native_selection_breaks_exact_ties_by_lower_page(kernel):
     """Small-integer pages index and queries: every score is an exact integer in both C and PyTorch, so
     many pages tie at the cut; the C selection takes the best scores, ties to the lower page (the order
     of a stable descending sort), through every radix pass."""
-    from heterocache.methods.heterocache.dynamic import LayerSlots, to_blocks, unit_scores
+    from heterocache.methods.heterocache.dynamic import unit_scores
+    from heterocache.retrieval.index import SummaryIndex
+    from heterocache.retrieval.slots import PagedSlots, to_blocks
 
     library = native.refill_library() if kernel == "default" else native.library_built_with(
         native.FLAG_SETS[0] + ["-DHC_PORTABLE"])
@@ -309,8 +316,9 @@ def test_native_selection_breaks_exact_ties_by_lower_page(kernel):
     base = torch.zeros(n, pages)
     resident = torch.zeros(n, pages, dtype=torch.bool)
     resident[:, :width] = True
-    slots = LayerSlots(seq=[0, 1, 2], resident=resident.clone(), counts=torch.full((n,), width), width=width,
-                       summaries=summaries, basis=None, scaling=1.0, base=base, length=pages, unit=1,
+    slots = PagedSlots(seq=[0, 1, 2], resident=resident.clone(), counts=torch.full((n,), width), width=width,
+                       base=base, length=pages, unit=1, index=SummaryIndex("pages", summaries, None, None, 1.0, 1,
+                                                                           channels=d),
                        page_positions=torch.arange(n * pages).view(n, pages, 1), current=torch.arange(width).repeat(n, 1))
     score = unit_scores(slots, queries, 0.0)
     assert len(set(score[0].tolist())) < pages // 10  # ties everywhere
@@ -342,7 +350,7 @@ def test_slots_are_laid_out_at_the_end_of_the_prefill():
     with torch.no_grad():
         out = model(ids, **cache_kwargs(cache, model))
         runtime = cache.method.runtime
-        assert all(slots.native and slots.summary_block for slots in runtime.layers.values())
+        assert all(slots.native and slots.index.summary_block for slots in runtime.layers.values())
         mapped = cache.stats()["retrieval_layout_s"]
         assert mapped > 0
         for _ in range(12):  # past the prefill headroom: the buckets grow

@@ -8,8 +8,8 @@ from conftest import left_padded_batch, tiny_model
 
 import heterocache as hc
 from heterocache.hf import cache_kwargs
-from heterocache.methods.heterocache.tiers import make_tier
 from heterocache.models import load_model
+from heterocache.retrieval.tiers import make_tier
 
 
 @pytest.fixture(scope="module")

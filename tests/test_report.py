@@ -67,7 +67,7 @@ def test_report_tables_and_plots(run_dir):
     assert "| snapkv | 2 | 30.00 (0.500) | 30.00 (0.250) |" in text  # cwe
     # average over vt and cwe: snapkv keep 0.5 -> (75 + 30) / 2, measured keep (0.51 + 0.5) / 2
     assert "| snapkv | - | 52.50 (0.505) | 15.00 (0.250) |" in text
-    assert "| snapkv | 0.5 | 0.500 | 0.0300 | 0.850 | 22.20 | - | 2 |" in text
+    assert "| snapkv | 0.5 | 0.500 | 0.0300 | 0.850 | 22.20 | - | - | - | 2 |" in text
     for name in ("score_vs_keep_ruler.png", "score_vs_keep_niah.png", "kl_vs_keep.png", "niah_snapkv_keep0.5.png"):
         assert (run_dir / name).stat().st_size > 1000
         assert f"![{name}]({name})" in text
@@ -91,5 +91,25 @@ def test_peers_are_marked_with_their_real_memory(run_dir):
     with open(run_dir / "fidelity.jsonl", "a") as handle:
         handle.write("".join(json.dumps(line) + "\n" for line in lines))
     text = build_report(run_dir, plots=False)
-    assert "| kvpress:snapkv (peer) | 0.25 | 0.250 | 0.1000 | 0.800 | 20.09 | 1.0 | 1 |" in text
-    assert "| kvpress:adakv+snapkv (peer, masks: frees no memory) | 0.25 | 0.250 | 0.1000 | 0.800 | 20.09 | 4.0 | 1 |" in text
+    assert "| kvpress:snapkv (peer) | 0.25 | 0.250 | 0.1000 | 0.800 | 20.09 | 1.0 | 0.0 | 0.0 | 1 |" in text
+    assert ("| kvpress:adakv+snapkv (peer, masks: frees no memory) | 0.25 | 0.250 | 0.1000 | 0.800 | 20.09 | 4.0 | "
+            "0.0 | 0.0 | 1 |") in text
+
+
+def test_memory_and_transfer_beside_every_score(tmp_path):
+    """Device MB, slow-tier MB and KB moved per decode forward: fidelity over its M - 1 teacher-forced steps,
+    task lines over their decode steps plus the question fed token by token (question mode decode)."""
+    fid = {"window": 0, "offset": 0, "keep": 0.25, "model": "m", "settings": "s", "tokens": 65, "kl": 0.1,
+           "top1": 0.8, "nll": 3.0, "ppl": math.exp(3.0), "method": "heterocache", "keep_fraction": 0.22,
+           "device_bytes": 3 * 2**20, "host_bytes": 10 * 2**20, "disk_bytes": 0, "retrieval_bytes": 64 * 2048}
+    _write(tmp_path / "fidelity.jsonl", [fid])
+    task = {**_line("vt", "0", "heterocache", 0.25, 1.0, 0.22), "question_mode": "decode", "prompt_tokens": 110,
+            "context_tokens": 100, "decode_steps": 6,
+            "cache": {"device_bytes": 2**20, "host_bytes": 2**21, "retrieval_bytes": 16 * 1024 * 100}}
+    _write(tmp_path / "results.jsonl", [task])
+    text = build_report(tmp_path)
+    assert "| heterocache | 0.25 | 0.220 | 0.1000 | 0.800 | 20.09 | 3.0 | 10.0 | 2.0 | 1 |" in text
+    assert "| heterocache | 0.25 | 1.0 | 2.0 | 100.0 |" in text  # 1600 KB over 6 + 10 decode forwards
+    for name in ("kl_vs_device_mb.png", "kl_vs_bytes_moved.png", "score_vs_device_mb_ruler.png",
+                 "score_vs_bytes_moved_ruler.png"):
+        assert (tmp_path / name).stat().st_size > 1000 and f"![{name}]({name})" in text

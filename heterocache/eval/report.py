@@ -46,7 +46,7 @@ def summarize(run_dir: str | Path) -> dict:
             "keep_measured": round(mean(x["keep_fraction"] for x in lines), 4),
             "tokens_per_s": round(mean(speeds), 2) if speeds else None,
             "prefill_s": round(mean(prefills), 3) if prefills else None,
-            **_memory([x.get("cache", {}) for x in lines]),
+            **_memory([x.get("cache", {}) for x in lines], [_decode_forwards(x) for x in lines]),
         })
     fid_groups: dict[tuple, list[dict]] = defaultdict(list)
     for line in _latest(run_dir, FIDELITY_GLOB, fidelity_key):
@@ -60,15 +60,29 @@ def summarize(run_dir: str | Path) -> dict:
             "top1": round(sum(x["top1"] * x["tokens"] for x in lines) / tokens, 4),
             "ppl": round(math.exp(sum(x["nll"] * x["tokens"] for x in lines) / tokens), 3),
             "keep_measured": round(mean(x["keep_fraction"] for x in lines), 4),
-            **_memory(lines),
+            **_memory(lines, [max(x["tokens"] - 1, 0) for x in lines]),  # teacher forcing: prefill + M - 1 steps
         })
     return {"tasks": tasks, "fidelity": fidelity}
 
 
-def _memory(stats: list[dict]) -> dict:
-    """Mean device MB of the cache, and whether its method masks evicted entries (memory not freed)."""
+def _decode_forwards(line: dict) -> int:
+    """Decode forwards of a task line: generated tokens fed back, plus the question fed token by token
+    in question mode ``decode``."""
+    question = line.get("prompt_tokens", 0) - line.get("context_tokens", 0) if line.get("question_mode") == "decode" else 0
+    return int(line.get("decode_steps") or 0) + max(question, 0)
+
+
+def _memory(stats: list[dict], forwards: list[int] | None = None) -> dict:
+    """Mean device MB and slow-tier MB (host + disk) of the cache, slow-tier bytes read per decode
+    forward (KB; ``retrieval_bytes`` over the decode forwards), and whether the method masks evicted
+    entries (memory not freed)."""
     device = [s["device_bytes"] for s in stats if "device_bytes" in s]
+    slow = [s.get("host_bytes", 0) + s.get("disk_bytes", 0) for s in stats if "device_bytes" in s]
+    moved = sum(s.get("retrieval_bytes", 0) for s in stats)
+    steps = sum(forwards or [])
     return {"device_mb": round(mean(device) / 2**20, 2) if device else None,
+            "slow_mb": round(mean(slow) / 2**20, 2) if slow else None,
+            "moved_kb_per_token": round(moved / steps / 1024, 1) if steps and device else None,
             "masked": any(bool(s.get("masked")) for s in stats)}
 
 
@@ -104,7 +118,8 @@ def _score_tables(rows: list[dict]) -> list[str]:
         methods = list(dict.fromkeys(r["method"] for r in sorted(items, key=lambda r: r["method"] != "full")))
         cell = {(r["task"], r["method"], r["keep"]): r for r in items}
         out += [f"## {suite} ({model}, question mode: {mode})", "",
-                "Score x100 (mean measured kept fraction in brackets); FullKV runs once at keep 1.0.", ""]
+                "Score x100 (mean measured kept fraction in brackets); FullKV runs once at keep 1.0. "
+                "Memory and transfer per method x keep: the table after the scores.", ""]
         for task in [*tasks, "average"] if len(tasks) > 1 else tasks:
             out += [f"### {task}", "", "| method | n | " + " | ".join(f"keep {k:g}" for k in keeps) + " |",
                     "|---|---|" + "---|" * len(keeps)]
@@ -126,17 +141,34 @@ def _score_tables(rows: list[dict]) -> list[str]:
                 masked = any(r.get("masked") for r in items if r["method"] == method)
                 out.append(f"| {label(method, masked)} | {n} | " + " | ".join(cells) + " |")
             out.append("")
+        out += _memory_table(items)
     return out
+
+
+def _memory_table(items: list[dict]) -> list[str]:
+    """Device MB, slow-tier MB and slow-tier KB read per decode token of every method x keep (means
+    over the tasks' rows)."""
+    out = ["| method | keep | device MB | slow-tier MB | KB moved per decode token |", "|---|---|---|---|---|"]
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in items:
+        groups[(row["method"], row["keep"])].append(row)
+    for (method, keep), rows in groups.items():
+        values = [[r[name] for r in rows if r.get(name) is not None] for name in ("device_mb", "slow_mb",
+                                                                                    "moved_kb_per_token")]
+        cells = [_fmt(mean(v), 1) if v else "-" for v in values]
+        out.append(f"| {label(method, any(r.get('masked') for r in rows))} | {keep:g} | " + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def _fidelity_table(rows: list[dict]) -> list[str]:
     out = ["## Fidelity (teacher-forced, vs FullKV; the whole context compressed at prefill)", "",
-           "| method | keep | measured keep | KL | top-1 | ppl | device MB | windows |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| method | keep | measured keep | KL | top-1 | ppl | device MB | slow-tier MB | KB moved per decode token "
+           "| windows |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {label(r['method'], r.get('masked', False))} | {r['keep']:g} | {r['keep_measured']:.3f} | "
                    f"{r['kl']:.4f} | {r['top1']:.3f} | {r['ppl']:.2f} | {_fmt(r.get('device_mb'), 1)} | "
-                   f"{r['windows']} |")
+                   f"{_fmt(r.get('slow_mb'), 1)} | {_fmt(r.get('moved_kb_per_token'), 1)} | {r['windows']} |")
     return out + ["", "Peers are another library's methods run in this harness on the same tokens and reference.", ""]
 
 
@@ -177,7 +209,56 @@ def _plots(run_dir: Path, summary: dict) -> list[str]:
         lines_plot(avg, "score", f"score_vs_keep_{suite or 'tasks'}.png", f"{suite} score x100")
     if summary["fidelity"]:
         lines_plot(summary["fidelity"], "kl", "kl_vs_keep.png", "KL(FullKV || method) per token")
+        written += _tradeoff_plots(run_dir, plt, summary["fidelity"], "kl", "KL(FullKV || method) per token")
+    for suite in dict.fromkeys(r["suite"] for r in tasks):
+        rows = [r for r in tasks if r["suite"] == suite]
+        written += _tradeoff_plots(run_dir, plt, _means(rows), "score", f"{suite or 'tasks'} score x100",
+                                   suffix=f"_{suite or 'tasks'}")
     written += _niah_heatmaps(run_dir, plt)
+    return written
+
+
+def _means(rows: list[dict]) -> list[dict]:
+    """Per (method, keep): the mean over the rows (tasks) of score and memory columns."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["method"], r["keep"])].append(r)
+    out = []
+    for (method, keep), items in groups.items():
+        row = {"method": method, "keep": keep}
+        for name in ("score", "keep_measured", "device_mb", "moved_kb_per_token"):
+            values = [x[name] for x in items if x.get(name) is not None]
+            row[name] = mean(values) if values else None
+        out.append(row)
+    return out
+
+
+def _tradeoff_plots(run_dir: Path, plt, rows: list[dict], value: str, ylabel: str, suffix: str = "") -> list[str]:
+    """Quality against device MB and against slow-tier KB moved per decode token: one point per method x
+    keep, a method's points joined, peers dashed."""
+    written = []
+    for axis, xlabel, name in (("device_mb", "device MB of the cache", f"{value}_vs_device_mb{suffix}.png"),
+                               ("moved_kb_per_token", "slow-tier KB moved per decode token",
+                                f"{value}_vs_bytes_moved{suffix}.png")):
+        drawn = {method: sorted((r[axis], r[value]) for r in rows if r["method"] == method
+                                and r.get(value) is not None and r.get(axis) is not None)
+                 for method in dict.fromkeys(r["method"] for r in rows)}
+        if not any(drawn.values()):
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for method, points in drawn.items():
+            if not points:
+                continue
+            peer = method.startswith("kvpress:")
+            ax.plot(*zip(*points), marker="s" if peer else "o", linestyle="--" if peer else "-",
+                    markerfacecolor="none" if peer else None, label=f"{method} (peer)" if peer else method)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(run_dir / name, dpi=100)
+        plt.close(fig)
+        written.append(name)
     return written
 
 

@@ -31,14 +31,52 @@ import dataclasses
 import importlib
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 from heterocache.budget import uniform_budgets
 
-if TYPE_CHECKING:
-    from heterocache.cache import HeadwiseLayer
+
+class LayerView(Protocol):
+    """What a method may use of one layer's storage (``cache.HeadwiseLayer`` is the implementation).
+
+    Sequences are ``b * n_kv_heads + h``; the storage is a list of ``buckets``
+    (``attention.ragged.Bucket``) and ``locate[seq] = (bucket, row)``; ``version`` changes whenever
+    the layout changes (a method that addresses storage slots maps them again).
+    """
+
+    layer_idx: int
+    seen: int  # tokens seen (positions), not tokens kept
+    prefill_len: int
+    batch: int
+    n_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    version: int
+    buckets: list
+    locate: list
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``keys, values (B, Hkv, L, D)``, ``positions (B, Hkv, L)`` (-1 on padding), ``lengths (B, Hkv)``."""
+
+    def restrict(self, keep: torch.Tensor) -> None:
+        """Keep the ``keep (B, Hkv, L)`` entries of the ``padded()`` layout."""
+
+    def prefix(self, seq_ids: list[int], length: int) -> torch.Tensor:
+        """Keys of the first ``length`` slots of the given sequences ``(n, length, D)``."""
+
+    def overwrite_prefix(self, seq_ids: list[int], keys: torch.Tensor, values: torch.Tensor,
+                         positions: torch.Tensor, counts: list[int]) -> None:
+        """Replace the first ``counts[i]`` slots of sequence ``seq_ids[i]``."""
+
+    def write_slots(self, seq_ids: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    positions: torch.Tensor) -> None:
+        """Overwrite storage slot ``slots[i]`` of sequence ``seq_ids[i]``."""
+
+    def kept_prompt_tokens(self) -> torch.Tensor:
+        """``(B, Hkv)`` stored tokens with a position below the prefill length."""
 
 
 @dataclass
@@ -64,7 +102,7 @@ class PrefillContext:
     scaling: float
     keep: float
     budget: torch.Tensor
-    layers: Any = None  # the cache's HeadwiseLayers; cross-layer methods (CAKE) re-evict earlier ones
+    layers: Any = None  # the cache's layers; cross-layer methods (CAKE) re-evict earlier ones
     module: Any = None  # the attention module
     window: int | None = None  # sliding window W of this layer, None: full attention
     layer_windows: list[int | None] | None = None  # every layer's window (None: all full attention)
@@ -103,7 +141,7 @@ class DecodeContext:
     layer_idx: int
     n_layers: int
     queries: torch.Tensor
-    layer: HeadwiseLayer
+    layer: LayerView
     step: int
     scaling: float
     keep: float
@@ -143,20 +181,20 @@ class Method:
     def setup(self, cache: Any) -> None:
         """Called when the cache is created and after each reset: (re)initialise per-cache state."""
 
-    def after_store(self, layer: HeadwiseLayer) -> None:
+    def after_store(self, layer: LayerView) -> None:
         """Called after ``layer`` stored the tokens ``select`` kept (end of its prefill)."""
 
-    def before_decode_attention(self, layer: HeadwiseLayer, queries: torch.Tensor) -> None:
+    def before_decode_attention(self, layer: LayerView, queries: torch.Tensor) -> None:
         """Called before each decode attention of ``layer`` (apply work finished in the background)."""
 
     def on_decode_step(self, ctx: DecodeContext) -> None:
         """Called after each decode attention of a layer (decode-time eviction, drift checks)."""
 
-    def on_batch_select(self, layer: HeadwiseLayer, indices: torch.Tensor) -> None:
+    def on_batch_select(self, layer: LayerView, indices: torch.Tensor) -> None:
         """Called before ``layer`` keeps batch rows ``indices (B',)`` in that order (beam search's reorder,
         ``batch_select_indices``, ``batch_repeat_interleave``): per-row state of the layer follows."""
 
-    def on_crop(self, layer: HeadwiseLayer, length: int) -> None:
+    def on_crop(self, layer: LayerView, length: int) -> None:
         """Called before ``layer`` drops every stored token at position ``>= length`` (assisted decoding
         rejecting draft tokens; they may be prompt tokens): state that refers to them follows. A
         method that cannot serve this raises ``ValueError`` naming the option."""
@@ -227,6 +265,7 @@ _BUILTIN: dict[str, str] = {
     "cake": "heterocache.methods.cake:CAKE",
     "tova": "heterocache.methods.tova:TOVA",
     "heterocache": "heterocache.methods.heterocache:HeteroCache",
+    "quest": "heterocache.methods.quest:Quest",
 }
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -272,6 +311,6 @@ def build_method(name: str, **options: Any) -> Method:
 
 
 __all__ = [
-    "DecodeContext", "Method", "PrefillContext", "available_methods", "build_method", "check_choice",
+    "DecodeContext", "LayerView", "Method", "PrefillContext", "available_methods", "build_method", "check_choice",
     "check_range", "method_class", "register",
 ]

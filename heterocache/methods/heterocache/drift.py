@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from heterocache.methods.heterocache.tiers import Tier, make_tier
 from heterocache.methods.scoring import pooled_row_attention, select_with_forced, topk_mask
+from heterocache.retrieval.tiers import Tier, make_tier
 
 
 @dataclass(frozen=True)

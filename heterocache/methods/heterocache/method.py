@@ -24,7 +24,7 @@ retrieve, and (paper mode) have the fixed role ``"sliding"``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +33,18 @@ import torch
 from heterocache.budget import allocate, total_budget, weighted_budgets
 from heterocache.methods.base import DecodeContext, Method, PrefillContext, check_choice, check_range
 from heterocache.methods.heterocache.drift import Runtime, Settings, recent_tokens
-from heterocache.methods.heterocache.dynamic import (
-    DynamicRetrieval,
-    DynamicSettings,
-    sketch_tokens,
-    summary_tokens,
-)
+from heterocache.methods.heterocache.dynamic import DynamicRetrieval, DynamicSettings
 from heterocache.methods.heterocache.expected import expected_attention, rope_inv_freq
-from heterocache.methods.heterocache.tiers import TIERS, check_directory
 from heterocache.methods.scoring import select_with_forced
 from heterocache.methods.snapkv import check_window_options, window_votes
+from heterocache.retrieval.index import sketch_tokens, summary_tokens
+from heterocache.retrieval.tiers import TIERS, check_directory
 
 DRIFT_MODES = ("async", "sync", "off")
+# options of one mechanism only (the rest, e.g. sinks, window, offload, weighting, scorer, serve both)
+DYNAMIC_ONLY = ("dynamic_share", "index", "page", "rank", "summary_dtype", "stick", "page_score", "refill",
+                "refresh_drift")
+PAPER_ONLY = ("steps", "topk", "drift_threshold", "max_full_share")
 SUMMARY_DTYPES = ("int8", "bfloat16", "float16", "float32")
 
 
@@ -246,6 +246,19 @@ class HeteroCache(Method):
         check_window_options(self.window, self.kernel, self.pooling)
         check_range("sinks", self.sinks, 0)
         check_range("recent_fraction", self.recent_fraction, 0, 1)
+        self._check_mode_options()
+
+    def _check_mode_options(self) -> None:
+        """Options of one mechanism set with the other are refused (they would be ignored)."""
+        if self.dynamic:
+            foreign, mine, other = PAPER_ONLY, "'dynamic'", "retrieval='async', 'sync' or 'off'"
+        else:
+            foreign, mine, other = DYNAMIC_ONLY, repr(self.retrieval), "retrieval='dynamic'"
+        defaults = {f.name: f.default for f in fields(self)}
+        changed = sorted(name for name in foreign if getattr(self, name) != defaults[name])
+        if changed:
+            raise ValueError(f"option(s) {changed} of heterocache apply to {other}, not retrieval={mine}; "
+                             "drop them or choose that mode")
 
     @property
     def split(self) -> str:

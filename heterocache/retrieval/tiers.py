@@ -69,8 +69,10 @@ class MemoryTier(Tier):
         super().__init__()
         self.device, self.pin, self.name = torch.device(device), pin, name
 
-    def put(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """``keys/values (n, T, D)``; copied (the caller's tensors are freed after prefill)."""
+    def put(self, layer: int, keys: torch.Tensor | None, values: torch.Tensor) -> None:
+        """``keys/values (n, T, D)``; copied (the caller's tensors are freed after prefill). ``keys=None``:
+        values only (a policy that rebuilds keys on the device; the keys are stored as ``(n, T, 0)``)."""
+        keys = values.new_empty((*values.shape[:2], 0)) if keys is None else keys
         self.layers[layer] = (keys.detach().to(self.device, copy=True), values.detach().to(self.device, copy=True))
 
     def select_rows(self, layer: int, rows: torch.Tensor) -> None:
@@ -98,7 +100,8 @@ class MemoryTier(Tier):
         by ``flat (m,)``, into ``keys_out/values_out (m, group * D)`` (contiguous, same device and
         dtype as the tier; ``T`` a multiple of ``group``)."""
         keys, values = self.blocks(layer, group)
-        torch.index_select(keys, 0, flat, out=keys_out)
+        if keys_out is not None:
+            torch.index_select(keys, 0, flat, out=keys_out)
         torch.index_select(values, 0, flat, out=values_out)
 
     def gather(self, layer: int, rows: torch.Tensor, positions: torch.Tensor):
@@ -131,7 +134,8 @@ class DiskTier(Tier):
             self.owned = False
         self.versions: dict[int, int] = {}  # rewrites of a layer's file (select_rows)
 
-    def put(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def put(self, layer: int, keys: torch.Tensor | None, values: torch.Tensor) -> None:
+        keys = values.new_empty((*values.shape[:2], 0)) if keys is None else keys  # values only
         if keys.dtype not in _NUMPY:
             keys, values = keys.float(), values.float()  # bf16 has no numpy dtype: widen on disk
         version = self.versions.get(layer, 0)
