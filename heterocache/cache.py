@@ -376,7 +376,8 @@ class HeadwiseCache(Cache):
         if hooks:
             self.method.before_decode_attention(layer, query)
         first_query = layer.seen - query.shape[2]
-        out = decode_attention(query, layer.buckets, layer.n_kv_heads, scaling, self.attention_backend, first_query)
+        out = decode_attention(query, layer.buckets, layer.n_kv_heads, scaling, self.attention_backend, first_query,
+                               exact=not hooks)
         layer.decode_steps += 1
         if hooks:
             self.method.on_decode_step(DecodeContext(

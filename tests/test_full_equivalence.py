@@ -65,3 +65,24 @@ def test_embedded_model_full_matches(embedded):
         ref = _reference(model, ids, mask)
         out = _generate(model, ids, mask, hc.make_cache(model, "full"))
         _assert_same(ref, out)
+
+
+@pytest.mark.parametrize("method", hc.available_methods())
+def test_bf16_keep_one_matches_dynamic_cache(method):
+    """bf16 at keep 1.0: one unpadded row decodes bit for bit like ``DynamicCache`` (the decode runs
+    transformers' own SDPA call, GQA by ``enable_gqa``); a left-padded batch, whose rows the cache stores
+    without their padding, gives the same tokens with logits within 0.02 (a few bf16 ulps)."""
+    model = tiny_model("qwen2", layers=2, heads=8, kv_heads=2, head_dim=32).to(torch.bfloat16)
+    for lengths, exact in (([300], True), ([300, 217], False)):
+        ids, mask = left_padded_batch(lengths, seed=3)
+        runs = []
+        for cache in (DynamicCache(config=model.config), hc.make_cache(model, method, 1.0)):
+            with torch.no_grad():
+                out = model.generate(ids, attention_mask=mask, **cache_kwargs(cache, model), max_new_tokens=8,
+                                     min_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
+            runs.append((out.sequences, torch.stack(out.logits).float()))
+        assert torch.equal(runs[0][0], runs[1][0])
+        if exact:
+            assert torch.equal(runs[0][1], runs[1][1])
+        else:
+            torch.testing.assert_close(runs[1][1], runs[0][1], rtol=0, atol=0.02)

@@ -218,6 +218,19 @@ def bucket_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     return out.squeeze(1)
 
 
+def dense_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
+    """A bucket holding every sequence of the layer at one length, no mask: ``query (B, Hq, q, D)``,
+    ``keys/values (B * Hkv, L, D)`` -> ``(B * Hkv, group * q, D)``. The same SDPA call (GQA by
+    ``enable_gqa``, the query heads unpacked) that transformers makes over a ``DynamicCache`` in decode,
+    so the kernel accumulates in the same order: bf16 FullKV matches it bit for bit."""
+    b, hq, q, d = query.shape
+    n, length, _ = keys.shape
+    h = n // b
+    out = F.scaled_dot_product_attention(query, keys.view(b, h, length, d), values.view(b, h, length, d),
+                                         scale=scaling, enable_gqa=hq != h)
+    return out.reshape(b * h, (hq // h) * q, d)
+
+
 def plan_buckets(lengths: list[int], max_buckets: int = 4, overhead: int = 256) -> list[list[int]]:
     """Group sequence indices into at most ``max_buckets`` buckets minimising padded work.
 
@@ -261,13 +274,17 @@ def plan_buckets(lengths: list[int], max_buckets: int = 4, overhead: int = 256) 
 
 
 def decode_attention(query: torch.Tensor, buckets: list[Bucket], n_kv_heads: int, scaling: float,
-                     backend: str = "sdpa", first_query: int = 0) -> torch.Tensor:
+                     backend: str = "sdpa", first_query: int = 0, exact: bool = False) -> torch.Tensor:
     """Decode attention of ``query (B, Hq, q, D)`` over a layer's buckets -> ``(B, q, Hq, D)``.
 
     The ``q`` new tokens are already stored (last in every plain sequence; anywhere in a ring).
     ``backend``: ``"sdpa"`` (one batched SDPA call per bucket) or ``"triton"`` (the paged kernel over
     the bucket storage viewed as pages, no copy). Ring buckets (sliding-window layers) always use
     SDPA with the position mask of :func:`window_mask`; ``first_query`` is the new tokens' first position.
+    ``exact``: a bucket of every sequence at one length runs transformers' own decode call
+    (:func:`dense_attention`), bit-identical to a ``DynamicCache`` also in bf16; otherwise the group's
+    query rows are packed as one sequence per KV head (:func:`bucket_attention`), which rounds
+    differently in bf16 but is ~10x faster there on the CPU (docs/DESIGN.md s.8).
     """
     b, hq, q, d = query.shape
     h = n_kv_heads
@@ -284,7 +301,10 @@ def decode_attention(query: torch.Tensor, buckets: list[Bucket], n_kv_heads: int
             res = _triton_bucket(qb, bucket, scaling, q)
         else:
             mask = bucket.key_mask(q, group)
-            res = bucket_attention(qb, bucket.keys[:, :n], bucket.values[:, :n], mask, scaling)
+            if exact and mask is None and bucket.is_identity:  # every sequence, equal lengths: transformers' call
+                res = dense_attention(query, bucket.keys[:, :n], bucket.values[:, :n], scaling)
+            else:
+                res = bucket_attention(qb, bucket.keys[:, :n], bucket.values[:, :n], mask, scaling)
         if out is None:
             out = res
         else:
