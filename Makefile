@@ -8,7 +8,7 @@ PEERS_VENV := .venv-peers
 PEERS_BIN := $(PEERS_VENV)/bin
 PEERS_STAMP := $(PEERS_VENV)/.installed
 PEERS_TESTS := tests/test_compat.py tests/test_full_equivalence.py tests/test_methods_matrix.py tests/test_peers_names.py \
-	tests/test_peers_kvpress.py
+	tests/test_peers_kvpress.py tests/test_fanout.py tests/test_shared_prefill.py
 
 .PHONY: install demo test lint clean peers test-peers long-model
 

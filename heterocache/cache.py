@@ -330,6 +330,7 @@ class HeadwiseCache(Cache):
         self.prompt_lengths: torch.Tensor | None = None
         self.budget: torch.Tensor | None = None  # (B, n_layers, Hkv) kept prompt tokens, set at prefill
         self.warned_context = False  # _check_context warns once per cache
+        self.compress_s = 0.0  # seconds in compress(), summed over layers (timed by hf's prefill, also fanned out)
         super().__init__(layers=[HeadwiseLayer(self, i, self.layer_windows[i]) for i in range(n_layers)])
         method.setup(self)
 
@@ -464,6 +465,7 @@ class HeadwiseCache(Cache):
         self.method.close()
         self.prompt_lengths = None
         self.budget = None
+        self.compress_s = 0.0
         self.method.setup(self)
 
     def close(self) -> None:
@@ -477,7 +479,9 @@ class HeadwiseCache(Cache):
         ``device_overhead_bytes``, which splits into ``device_headroom_bytes`` (slots reserved for decode
         tokens past each bucket's longest sequence) and ``device_padding_bytes`` (shorter sequences of a
         bucket padded to its longest). ``device_bytes`` = layers' storage + the method's own device
-        bytes (e.g. a device-resident tier)."""
+        bytes (e.g. a device-resident tier). ``compress_s``: seconds this cache's prefill spent in
+        :meth:`compress` (selection + store, every layer), also when its prefill was shared
+        (heterocache/fanout.py)."""
         layers = [layer for layer in self.layers if layer.buckets]
         prompt = int(self.prompt_lengths.sum()) if self.prompt_lengths is not None else 0
         kept = sum(int(layer.kept_prompt_tokens().sum()) for layer in layers)
@@ -500,6 +504,7 @@ class HeadwiseCache(Cache):
             "host_bytes": 0,
             "disk_bytes": 0,
             "buckets_per_layer": max((len(layer.buckets) for layer in layers), default=0),
+            "compress_s": self.compress_s,
             **self._stats_by_layer_type(),
         }
         for name, value in self.method.stats().items():

@@ -4,13 +4,15 @@ Prefill (first forward into an empty :class:`~heterocache.cache.HeadwiseCache`):
 attention over the full keys/values with transformers' own SDPA path (so FullKV is bit-identical),
 then ``cache.compress`` lets the method select what each KV head keeps. Decode: the new tokens were
 already appended by ``update()``; ``cache.decode`` attends over each head's ragged kept set. Given
-plain tensors (e.g. a ``DynamicCache``), the function is exactly SDPA.
+plain tensors (e.g. a ``DynamicCache``), the function is exactly SDPA. Given a ``FanoutKV`` (one prefill
+filling several caches, heterocache/fanout.py), the same SDPA runs once, then every child compresses.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import time
 from typing import Any
 
 import torch
@@ -23,6 +25,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from heterocache.attention import BACKENDS
 from heterocache.budget import validate_keep
 from heterocache.cache import HeadwiseCache, PendingKV
+from heterocache.fanout import FanoutKV
 from heterocache.methods.base import build_method
 from heterocache.models import effective_window, layer_windows, model_geometry
 
@@ -46,21 +49,39 @@ def headwise_attention(module, query, key, value, attention_mask, dropout=0.0, s
     kvpress's attention patch pass ``dropout`` positionally. Plain tensors (another cache) go to the
     registered ``"sdpa"`` entry, so a patch applied there (kvpress's head-wise masking) still applies.
     """
-    if not isinstance(key, PendingKV):
+    if not isinstance(key, PendingKV | FanoutKV):
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask,
                                                dropout=dropout, scaling=scaling, **kwargs)
-    layer = key.layer
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    if key.prefill:
+    if isinstance(key, FanoutKV) or key.prefill:
+        layers = key.layers if isinstance(key, FanoutKV) else [key.layer]
+        return _prefill(module, query, key.keys, key.values, layers, attention_mask, dropout, scaling, kwargs), None
+    return key.layer.cache.decode(key.layer, query, scaling), None
+
+
+def _prefill(module, query, keys, values, layers, attention_mask, dropout, scaling, kwargs) -> torch.Tensor:
+    """Exact SDPA of ``query (B, Hq, T, D)`` over ``keys/values (B, Hkv, T, D)`` -> ``(B, T, Hq, D)``, then
+    ``compress`` of every layer in ``layers`` (one cache's, or one per fan-out child) on the same
+    inputs; each cache's ``compress_s`` gains the seconds its own call took."""
+    for layer in layers:
         _check_window(layer, kwargs.get("sliding_window"))
-        out, _ = sdpa_attention_forward(module, query, key.keys, key.values, attention_mask,
-                                        scaling=scaling, dropout=dropout, **kwargs)
-        b, _, length, _ = key.keys.shape
-        valid = valid_from_mask(attention_mask, b, length, key.keys.device)
-        layer.cache.compress(layer, module, query, key.keys, key.values, valid, scaling)
-        return out, None
-    return layer.cache.decode(layer, query, scaling), None
+    out, _ = sdpa_attention_forward(module, query, keys, values, attention_mask,
+                                    scaling=scaling, dropout=dropout, **kwargs)
+    b, _, length, _ = keys.shape
+    valid = valid_from_mask(attention_mask, b, length, keys.device)
+    for layer in layers:
+        start = _clock(keys.device)
+        layer.cache.compress(layer, module, query, keys, values, valid, scaling)
+        layer.cache.compress_s += _clock(keys.device) - start
+    return out
+
+
+def _clock(device: torch.device) -> float:
+    """``time.perf_counter()``, after the device's queued work on CUDA (so a compress is timed alone)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _check_window(layer, sliding_window: int | None) -> None:

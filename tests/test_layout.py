@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "heterocache"
-ROOT_MODULES = {"__init__", "__main__", "hf", "cache", "models", "budget", "cli", "demo"}
+ROOT_MODULES = {"__init__", "__main__", "hf", "cache", "fanout", "models", "budget", "cli", "demo"}
 
 
 def _module_name(path: Path) -> str:

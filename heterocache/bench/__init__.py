@@ -9,6 +9,13 @@ other, so on a shared, loaded machine all of them see the same conditions. Next 
 stands the memory-bandwidth bound ``(W + KV) / (W + r * KV)`` (W = weight bytes read per token,
 KV = full KV bytes, r = measured kept fraction).
 
+With ``--interleave`` our methods' runs on one prompt share one prefill forward (heterocache/fanout.py;
+the prefill is exact, so every cache ends up as its own prefill would leave it): a line's ``prefill_s``
+is then the time to first token that method alone would take, the shared forward less the other
+caches' ``compress_s`` (its own ``compress_s`` stays in), next to the measured ``shared_prefill_s`` and
+``shared_prefill_jobs``. The natural-limit FullKV runs (shorter prompts) and peers prefill alone;
+``--no-shared-prefill`` prefills every run alone. The sequential schedule measures each run alone.
+
 Results go to ``DIR/results.jsonl`` one line per (method, keep, context, batch) as they finish,
 through the shared result log (heterocache/eval/results.py: rerunning skips finished lines; a line
 cut mid-write by a kill is dropped and measured again), then ``results.json`` (rows with the derived columns),

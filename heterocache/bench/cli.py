@@ -78,6 +78,9 @@ def add_bench_command(subparsers) -> None:
     p.add_argument("--warmup", type=at_least(0), default=4, help="untimed decode steps first")
     p.add_argument("--interleave", action="store_true",
                    help="prefill every method, then time their decode steps round-robin (fair on a loaded machine)")
+    p.add_argument("--no-shared-prefill", action="store_true",
+                   help="with --interleave: prefill every method on its own instead of one shared forward "
+                        "(then prefill s is measured per method, not the shared forward less the others' compress)")
     p.add_argument("--natural-limit", action="store_true",
                    help="also time full at keep x context tokens for every keep (the natural limit, same schedule)")
     p.add_argument("--length-spread", type=float, default=0.0,

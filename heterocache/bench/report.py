@@ -85,6 +85,13 @@ def _time_shares(row: dict) -> str:
     return ", ".join(parts) or "-"
 
 
+def _prefill_cell(row: dict) -> str:
+    """Seconds to the first token; for a run that shared its prefill, next to the shared forward's."""
+    if not row.get("shared_prefill_jobs"):
+        return f"{row['prefill_s']:.2f}"
+    return f"{row['prefill_s']:.2f} (shared {row['shared_prefill_s']:.2f}, {row['shared_prefill_jobs']} caches)"
+
+
 def markdown_table(rows: list[dict], max_batches: list[dict] = ()) -> str:
     """One row per result; the footnote explains the bound, the natural limit and the timing protocol."""
     head = ("| method | keep | kept | context | batch | threads | schedule | prefill s | decode ms/token | tokens/s "
@@ -102,7 +109,7 @@ def markdown_table(rows: list[dict], max_batches: list[dict] = ()) -> str:
         cache = r["cache"]
         batch = r["batch"] if "prompt_lengths" not in r else f"{r['batch']} ({'/'.join(map(str, r['prompt_lengths']))})"
         cells = [_label(r), f"{r['keep']:g}", f"{cache['keep_fraction']:.3f}", r["context"], batch,
-                 r.get("threads"), r.get("schedule", "sequential"), f"{r['prefill_s']:.2f}", f"{r['decode_ms']:.1f}",
+                 r.get("threads"), r.get("schedule", "sequential"), _prefill_cell(r), f"{r['decode_ms']:.1f}",
                  f"{r['tokens_per_s']:.1f}", speed, f"{r['bound_speedup']:.2f}x", share, natural,
                  megabytes(r["read_bytes_per_token"]), megabytes(r["peak_memory_bytes"]),
                  megabytes(cache["device_bytes"]),
@@ -118,6 +125,8 @@ def markdown_table(rows: list[dict], max_batches: list[dict] = ()) -> str:
                  "Natural limit (--natural-limit) = full at keep x context tokens, timed in the same group; "
                  "ms / natural limit = method at keep r, context C / full at r*C (1.00 = at the limit). "
                  "Overhead = decode headroom + bucket padding of the cache storage (stats()). "
+                 + ("Prefill s of runs that shared one forward (shared_prefill_jobs) = that forward less the "
+                    "other runs' compress_s. " if any(x.get("shared_prefill_jobs") for x in rows) else "") +
                  f"Decode = median of {r['steps']} steps after {r['warmup']} warm-up ({r['device']}, {r['dtype']}). "
                  f"peak: {notes}.\n")
     if max_batches:

@@ -14,7 +14,7 @@ import torch
 
 from heterocache.bench.models import kv_bytes, load_model_for_bench, weight_read_bytes
 from heterocache.bench.report import megabytes, open_results, result_key, write_report
-from heterocache.eval.grid import Feeder, method_grid, pending
+from heterocache.eval.grid import Feeder, method_grid, pending, share_prefill
 from heterocache.eval.search import largest_fitting
 
 CPU_MEMORY_NOTE = "CPU: cache device_bytes only (no allocator peak; weights and activations not counted)"
@@ -28,13 +28,18 @@ def _sync(device: torch.device) -> None:
 def prefill(feeder: Feeder, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
     """One prefill forward of ``input_ids (B, T)`` (``mask (B, T)``: 0 on left padding) into ``feeder``'s
     cache: ``(seconds, next token (B, 1))``."""
-    kwargs = {} if mask is None else {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+    kwargs = _mask_kwargs(mask)
     _sync(input_ids.device)
     start = time.perf_counter()
     with torch.no_grad():
         token = feeder(input_ids, logits_to_keep=1, **kwargs)[:, -1].argmax(-1, keepdim=True)
     _sync(input_ids.device)
     return time.perf_counter() - start, token
+
+
+def _mask_kwargs(mask: torch.Tensor | None) -> dict:
+    """A left-padded prompt's ``attention_mask`` and ``position_ids`` (none without padding)."""
+    return {} if mask is None else {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
 
 
 def decode_step(feeder: Feeder, token: torch.Tensor, **forward_kwargs) -> tuple[float, torch.Tensor]:
@@ -109,7 +114,7 @@ class Bench:
                 "threads": torch.get_num_threads(), **fields}
 
     def measure(self, runs: list[tuple], context: int, batch: int, steps: int, warmup: int,
-                schedule: str = "sequential", spread: float = 0.0) -> list[dict]:
+                schedule: str = "sequential", spread: float = 0.0, shared: bool = True) -> list[dict]:
         """Prefill a cache per ``(method, keep, options[, run_context])`` run, then time their decode steps
         round-robin.
 
@@ -119,30 +124,18 @@ class Bench:
         limit of a keep: ``full`` at ``keep * context`` tokens (a prompt of that length; its line has
         ``natural_limit = context``). A run whose method rejects the setting (``ValueError``) is
         skipped with a message. ``spread``: left-padded batch rows of different lengths
-        (:meth:`prompt`). Returns one result line per measured run.
+        (:meth:`prompt`). ``shared``: our methods' runs on the ``context`` prompt (two or more) are
+        prefilled by one forward (:meth:`_prefill_all`). Returns one result line per measured run.
         """
         measured, decoders, prefills = [], [], []
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
-            for run in runs:
+            for run, feeder, mask, timing, token in self._prefill_all(runs, context, batch, spread, shared):
                 method, keep, options = run[:3]
-                run_context = run[3] if len(run) > 3 else context
-                ids, mask = self.prompt(run_context, batch, spread)
-                try:
-                    feeder = Feeder.open(self.model, method, keep, options)
-                except ValueError as err:
-                    print(f"bench: skipping {method} keep={keep:g} context={context}: {err}")
-                    continue
-                try:
-                    seconds, token = prefill(feeder, ids, mask)
-                except ValueError as err:
-                    print(f"bench: skipping {method} keep={keep:g} context={context}: {err}")
-                    feeder.close()
-                    continue
-                measured.append((method, keep, options, run_context, mask))
-                prefills.append(seconds)
+                measured.append((method, keep, options, run[3] if len(run) > 3 else context, mask))
+                prefills.append(timing)
                 decoders.append(_Decoder(feeder, token, mask))
             times = [[] for _ in decoders]
             for _ in range(warmup + steps):
@@ -155,7 +148,50 @@ class Bench:
             for decoder in decoders:
                 decoder.feeder.close()
 
-    def _line(self, method, keep, options, context, batch, steps, warmup, prefill_s, all_times, cache,
+    def _prefill_all(self, runs: list[tuple], context: int, batch: int, spread: float, shared: bool) -> list[tuple]:
+        """``(run, feeder, mask, timing, next token (B, 1))`` per run that opened and prefilled, in ``runs``'
+        order; ``timing``: ``{"prefill_s": seconds}``, or a shared forward's fields
+        (``SharedPrefill.timing``: ``prefill_s`` = the forward less the other runs' ``compress_s``). A
+        shared forward that raises ``ValueError`` falls back to one prefill per run."""
+        opened = []
+        for run in runs:
+            method, keep, options = run[:3]
+            try:
+                opened.append((run, Feeder.open(self.model, method, keep, options)))
+            except ValueError as err:
+                print(f"bench: skipping {method} keep={keep:g} context={context}: {err}")
+        together = [i for i, (run, feeder) in enumerate(opened)
+                    if shared and feeder.session is None and (run[3] if len(run) > 3 else context) == context]
+        done: dict[int, tuple] = {}
+        if len(together) > 1:
+            ids, mask = self.prompt(context, batch, spread)
+            try:
+                result = share_prefill(self.model, [opened[i][1] for i in together], ids, logits_to_keep=1,
+                                       **_mask_kwargs(mask))
+            except ValueError as err:
+                print(f"bench: the shared prefill failed ({err}); prefilling every method alone")
+                for i in together:
+                    opened[i][1].close()
+                    run = opened[i][0]
+                    opened[i] = (run, Feeder.open(self.model, *run[:3]))
+            else:
+                token = result.logits[:, -1].argmax(-1, keepdim=True)
+                done = {i: (*opened[i], mask, result.timing(n, digits=None), token) for n, i in enumerate(together)}
+        out = []
+        for i, (run, feeder) in enumerate(opened):
+            if i not in done:
+                ids, mask = self.prompt(run[3] if len(run) > 3 else context, batch, spread)
+                try:
+                    seconds, token = prefill(feeder, ids, mask)
+                except ValueError as err:
+                    print(f"bench: skipping {run[0]} keep={run[1]:g} context={context}: {err}")
+                    feeder.close()
+                    continue
+                done[i] = (run, feeder, mask, {"prefill_s": seconds}, token)
+            out.append(done[i])
+        return out
+
+    def _line(self, method, keep, options, context, batch, steps, warmup, timing, all_times, cache,
               schedule, run_context, mask, spread, at_prefill: dict) -> dict:
         stats = cache.stats()
         times = all_times[warmup:]
@@ -180,7 +216,7 @@ class Bench:
         return {
             "kind": "decode", **self.key(method=method, keep=keep, options=_jsonable(options), context=run_context,
                                          batch=batch, steps=steps, warmup=warmup, schedule=schedule, **extra),
-            "prefill_s": prefill_s, "decode_ms": decode_ms, "decode_ms_steps": times,
+            **timing, "decode_ms": decode_ms, "decode_ms_steps": times,
             "tokens_per_s": batch * 1000.0 / decode_ms, "peak_memory_bytes": int(peak), "peak_memory_note": note,
             "cache": _jsonable(stats), "weight_bytes": self.weight_bytes, "kv_full_bytes": full_kv,
             "read_bytes_per_token": self.weight_bytes + stats["keep_fraction"] * full_kv, "time_shares": shares,
@@ -256,7 +292,8 @@ def run_bench(args, contexts: list[int], methods: list[str], keeps: list[float],
             else:
                 groups = [[run] for run in runs + natural]
             for group in groups:
-                for line in bench.measure(group, context, batch, args.steps, args.warmup, schedule, spread):
+                for line in bench.measure(group, context, batch, args.steps, args.warmup, schedule, spread,
+                                          shared=not args.no_shared_prefill):
                     results.append(line)
                     label = line["method"] if "natural_limit" not in line else "full (natural limit)"
                     print(f"  {label:13s} keep={line['keep']:<5g} context={line['context']:<6d} batch={batch:<3d} "

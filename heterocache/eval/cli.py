@@ -122,7 +122,7 @@ def _run_eval(args) -> int:
 
         config = FidelityConfig(out_dir, methods, keeps, model_id, args.context, args.continuation,
                                 args.windows, 1234 if args.seed is None else args.seed, args.text_dir, options,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, shared_prefill=not args.no_shared_prefill)
         path = run_fidelity(model, tokenizer, config)
     else:
         from heterocache.eval.tasks import registry
@@ -140,7 +140,8 @@ def _run_eval(args) -> int:
         prompt_settings = {k: v for k, v in {"chat": args.chat, "max_prompt_tokens": args.max_prompt_tokens,
                                              "seed": args.seed, "text_dir": args.text_dir}.items() if v is not None}
         config = RunConfig(out_dir, methods, keeps, args.suite, model_id, args.question_mode, options,
-                           args.max_new_tokens, prompt_settings, shard, progress=not args.no_progress)
+                           args.max_new_tokens, prompt_settings, shard, progress=not args.no_progress,
+                           shared_prefill=not args.no_shared_prefill)
         path = run_samples(model, tokenizer, samples, config)
         if problems:
             print(f"{len(problems)} malformed record(s) skipped (listed above)", file=sys.stderr)
@@ -196,6 +197,9 @@ def add_eval_commands(subparsers) -> None:
     p.add_argument("--continuation", type=at_least(1), default=64, help="fidelity: teacher-forced tokens M")
     p.add_argument("--windows", type=at_least(1), default=3, help="fidelity: number of windows")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-shared-prefill", action="store_true",
+                   help="prefill every (method, keep) job on its own instead of one shared forward per prompt "
+                        "(same results; the old per-job prefill timing)")
     p.set_defaults(func=cmd_eval)
 
     p = subparsers.add_parser("report", help="Markdown tables and PNG plots from a run directory")

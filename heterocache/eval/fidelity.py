@@ -13,6 +13,13 @@ tokens are prefilled (and compressed), then the true continuation is fed one tok
 
 One line per window x method x keep in ``fidelity.jsonl`` (the result log of eval/results.py; reruns
 skip what is there), following the comparison grid of eval/grid.py.
+
+Shared prefill (``shared_prefill=True``, the default): per window the FullKV reference and every
+pending job of our own methods are prefilled by one forward (eval/grid.py ``open_jobs``), then each
+teacher-forces the continuation through its own cache; the numbers are those of separate prefills.
+A line's ``seconds`` is then the job's own prefill (the shared forward less the other caches'
+``compress_s``) plus its continuation, next to ``compress_s``, ``shared_prefill_s`` and
+``shared_prefill_jobs``.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from typing import Any
 
 import torch
 
-from heterocache.eval.grid import Feeder, method_grid, pending
+from heterocache.eval.grid import Feeder, method_grid, open_jobs, pending
 from heterocache.eval.results import ResultLog, fidelity_key
 from heterocache.eval.tasks.essays import PEERS_SEPARATOR, essay_text
 
@@ -48,6 +55,7 @@ class FidelityConfig:
     text_dir: str | None = None
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     progress: bool = True
+    shared_prefill: bool = True  # one prefill forward per window for the reference and our methods
 
     def settings_key(self) -> str:
         blob = json.dumps({"options": self.method_options, "N": self.context, "M": self.continuation,
@@ -87,14 +95,17 @@ def window_offsets(n_tokens: int, context: int, continuation: int, windows: int,
 
 
 @torch.inference_mode()
-def teacher_forced_logits(model, context_ids: list[int], continuation_ids: list[int], feeder: Feeder) -> torch.Tensor:
-    """``(M, V)`` float32 logits predicting each continuation token; prefill, then one token per forward."""
+def teacher_forced_logits(model, context_ids: list[int], continuation_ids: list[int], feeder: Feeder,
+                          first: torch.Tensor | None = None) -> torch.Tensor:
+    """``(M, V)`` float32 logits predicting each continuation token; prefill, then one token per forward.
+
+    ``first (V,)``: the prefill's last logits when a shared prefill already filled ``feeder``'s cache."""
     device = model.device
 
     def forward(ids: list[int]) -> torch.Tensor:
         return feeder(torch.tensor([ids], device=device), logits_to_keep=1)[0, -1].float().cpu()
 
-    rows = [forward(context_ids)]
+    rows = [forward(context_ids) if first is None else first.float().cpu()]
     rows += [forward([token]) for token in continuation_ids[:-1]]
     return torch.stack(rows)
 
@@ -129,18 +140,26 @@ def run_fidelity(model, tokenizer, config: FidelityConfig) -> Path:
             context = ids[offset: offset + config.context]
             continuation = ids[offset + config.context: offset + config.context + config.continuation]
             targets = torch.tensor(continuation)
-            reference = teacher_forced_logits(model, context, continuation, Feeder.reference(model))
-            for method, keep in runs:
-                feeder = Feeder.open(model, method, keep, config.method_options.get(method))
+            jobs = open_jobs(model, runs, config.method_options, torch.tensor([context], device=model.device),
+                             config.shared_prefill, reference=True, logits_to_keep=1)
+            reference = None
+            for job in jobs:
+                first = None if job.logits is None else job.logits[0, -1]
                 start = time.perf_counter()
-                logits = teacher_forced_logits(model, context, continuation, feeder)
-                seconds = time.perf_counter() - start
-                stats = feeder.stats()
-                feeder.close()
-                log.append({"window": window, "offset": offset, "method": method, "keep": keep,
+                logits = teacher_forced_logits(model, context, continuation, job.feeder, first)
+                seconds = time.perf_counter() - start + (job.timing["prefill_s"] if job.timing else 0.0)
+                if reference is None:  # the first job is the FullKV reference
+                    reference = logits
+                    continue
+                stats = job.feeder.stats()
+                job.feeder.close()
+                timing = {k: v for k, v in (job.timing or {}).items() if k != "prefill_s"}
+                log.append({"window": window, "offset": offset, "method": job.method, "keep": job.keep,
                             "model": config.model_id, "settings": settings, "context_tokens": len(context),
                             **score_window(reference, logits, targets),
                             "keep_fraction": stats.get("keep_fraction", 1.0), "seconds": round(seconds, 3),
+                            **({"compress_s": round(stats["compress_s"], 4)} if "compress_s" in stats else {}),
+                            **timing,
                             **{k: stats[k] for k in ("stored_fraction", "masked", "device_bytes", "host_bytes",
                                                      "disk_bytes", "retrieval_bytes") if k in stats}})
                 bar.update(1)

@@ -8,6 +8,13 @@ takes samples ``i, i+n, ...`` and writes ``results.shard{i}of{n}.jsonl``.
 Question modes (docs/DESIGN.md s.7): ``prefill`` prefills and compresses the whole prompt;
 ``decode`` prefills and compresses the context only, then feeds the question, answer prefix and
 chat-template tail one token per forward through the compressed cache before generating.
+
+Shared prefill (``shared_prefill=True``, the default; ``--no-shared-prefill`` turns it off): per
+sample, every pending job of our own methods is prefilled by one forward (eval/grid.py
+``share_prefill``), then each continues through its own cache; results are those of separate
+prefills. Peer jobs (``kvpress:*``) prefill alone, after them. A line's ``prefill_s`` is then the
+job's own prefill (the shared forward less the other jobs' ``compress_s``) next to
+``shared_prefill_s`` and ``shared_prefill_jobs``.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from typing import Any
 
 import torch
 
-from heterocache.eval.grid import Feeder, method_grid, pending
+from heterocache.eval.grid import Feeder, method_grid, open_jobs, pending
 from heterocache.eval.results import RESULTS_GLOB, ResultLog, task_key
 from heterocache.eval.tasks.base import Sample, encode_prompt
 
@@ -45,6 +52,7 @@ class RunConfig:
     prompt_settings: dict[str, Any] = field(default_factory=dict)  # what changes a sample's prompt (seed, chat..)
     shard: tuple[int, int] | None = None
     progress: bool = True
+    shared_prefill: bool = True  # one prefill forward per sample for our methods (same results, less time)
 
     def settings_key(self) -> str:
         blob = json.dumps({"options": self.method_options, "max_new_tokens": self.max_new_tokens,
@@ -139,18 +147,35 @@ class _Session:
         return text, generated, steps, []
 
 
+def prefill_ids(context_ids: list[int], rest_ids: list[int], question_mode: str) -> list[int]:
+    """What the prefill forward covers: the whole prompt (``prefill`` mode) or the context (``decode``)."""
+    return context_ids + rest_ids if question_mode == "prefill" else context_ids
+
+
+def _prefill(session: _Session, ids: list[int], prefilled: tuple[torch.Tensor, dict] | None) -> dict:
+    """Run the prefill of ``session`` (or take a shared one's ``(logits (V,), timing)``); its timing fields."""
+    if prefilled is not None:
+        session.logits = prefilled[0]
+        return dict(prefilled[1])
+    start = session.clock()
+    session.forward(ids)
+    return {"prefill_s": round(session.clock() - start, 4)}
+
+
 @torch.inference_mode()
 def generate_one(model, tokenizer, context_ids: list[int], rest_ids: list[int], cache, question_mode: str,
-                 max_new_tokens: int, stop: Sequence[str] = (), eos_ids: set[int] | None = None) -> dict:
+                 max_new_tokens: int, stop: Sequence[str] = (), eos_ids: set[int] | None = None,
+                 prefilled: tuple[torch.Tensor, dict] | None = None) -> dict:
     """Greedy generation through ``cache``; returns the prediction, timings and token counts.
 
-    ``tokens_per_s`` = decode forwards (one per generated token after the first, which comes from
-    the prefill's logits) per second of the generation loop.
+    ``prefilled``: ``(last logits (V,), timing fields)`` of a shared prefill that already filled
+    ``cache`` (:func:`run_samples`); else this call prefills. ``tokens_per_s`` = decode forwards (one
+    per generated token after the first, which comes from the prefill's logits) per second of the
+    generation loop.
     """
     session = _Session(model, cache)
     eos_ids = _stop_ids(model, tokenizer) if eos_ids is None else eos_ids
-    start = session.clock()
-    session.forward(context_ids + rest_ids if question_mode == "prefill" else context_ids)
+    timing = _prefill(session, prefill_ids(context_ids, rest_ids, question_mode), prefilled)
     prefill_end = session.clock()
     if question_mode == "decode":
         session.feed(rest_ids, at_once=False)
@@ -158,7 +183,7 @@ def generate_one(model, tokenizer, context_ids: list[int], rest_ids: list[int], 
     text, generated, steps, _ = session.answer(tokenizer, max_new_tokens, stop, eos_ids)
     decode_s = session.clock() - question_end
     return {"prediction": text, "new_tokens": len(generated), "decode_steps": steps,
-            "prefill_s": round(prefill_end - start, 4), "question_s": round(question_end - prefill_end, 4),
+            **timing, "question_s": round(question_end - prefill_end, 4),
             "decode_s": round(decode_s, 4), "tokens_per_s": round(steps / decode_s, 3) if steps else None}
 
 
@@ -186,13 +211,17 @@ def next_turn_ids(tokenizer, sample: Sample, answers: list[str], question: str) 
 
 @torch.inference_mode()
 def generate_turns(model, tokenizer, sample: Sample, context_ids: list[int], rest_ids: list[int], cache,
-                   question_mode: str, max_new_tokens: int, eos_ids: set[int]) -> dict:
+                   question_mode: str, max_new_tokens: int, eos_ids: set[int],
+                   prefilled: tuple[torch.Tensor, dict] | None = None) -> dict:
     """Compress once, ask many: the first question as in :func:`generate_one`, then every follow-up of
     ``sample.extra["turns"]`` as a new user turn fed through the decode path after the previous answer.
-    Returns one prediction per question (``predictions``) plus timings."""
+    Returns one prediction per question (``predictions``) plus timings: ``total_s`` = the prefill
+    (with ``prefilled``: the job's own share, as in :func:`generate_one`) + everything after it."""
     session = _Session(model, cache)
     start = session.clock()
-    session.forward(context_ids + rest_ids if question_mode == "prefill" else context_ids)
+    timing = _prefill(session, prefill_ids(context_ids, rest_ids, question_mode), prefilled)
+    if prefilled is not None:  # count the job's own prefill, not the wait for the shared one
+        start -= timing["prefill_s"]
     if question_mode == "decode":
         session.feed(rest_ids, at_once=False)
     answers, new_tokens, steps, unfed = [], 0, 0, []
@@ -203,8 +232,9 @@ def generate_turns(model, tokenizer, sample: Sample, context_ids: list[int], res
         answers.append(text)
         new_tokens += len(generated)
         steps += turn_steps
+    shared = {k: v for k, v in timing.items() if k != "prefill_s"}  # sequential lines carry no prefill_s
     return {"predictions": answers, "new_tokens": new_tokens, "decode_steps": steps,
-            "total_s": round(session.clock() - start, 4)}
+            "total_s": round(session.clock() - start, 4), **shared}
 
 
 def score_prediction(sample: Sample, prediction: str) -> float:
@@ -258,20 +288,25 @@ def run_samples(model, tokenizer, samples: Iterable[Sample], config: RunConfig) 
                 context_ids, rest_ids = encode_prompt(tokenizer, sample)
                 max_new = config.max_new_tokens or sample.max_new_tokens
                 check_prompt_length(model, len(context_ids) + len(rest_ids), max_new)
-                for method, keep in runs:
-                    cache = Feeder.open(model, method, keep, config.method_options.get(method))
+                first = torch.tensor([prefill_ids(context_ids, rest_ids, config.question_mode)], device=model.device)
+                for job in open_jobs(model, runs, config.method_options, first, config.shared_prefill,
+                                     logits_to_keep=1):
+                    method, keep, cache = job.method, job.keep, job.feeder
+                    prefilled = None if job.logits is None else (job.logits[0, -1], job.timing)
                     if sample.extra.get("turns"):
                         out = generate_turns(model, tokenizer, sample, context_ids, rest_ids, cache,
-                                             config.question_mode, max_new, eos_ids)
+                                             config.question_mode, max_new, eos_ids, prefilled)
                         golds = [sample.gold] + [turn["gold"] for turn in sample.extra["turns"]]
                         out["turns"] = [{"prediction": p, "gold": g, "score": metrics_score(sample, p, g)}
                                         for p, g in zip(out.pop("predictions"), golds)]
                         out["prediction"] = out["turns"][0]["prediction"]
                     else:
                         out = generate_one(model, tokenizer, context_ids, rest_ids, cache, config.question_mode,
-                                           max_new, sample.stop, eos_ids)
+                                           max_new, sample.stop, eos_ids, prefilled)
                     stats = cache.stats()
                     cache.close()
+                    if "compress_s" in stats:  # our caches: the seconds their own compress took
+                        out.setdefault("compress_s", round(stats["compress_s"], 4))
                     line = {
                         "suite": config.suite, "task": task, "sample_id": sample.sample_id, "method": method,
                         "keep": keep, "question_mode": config.question_mode, "model": config.model_id,
