@@ -68,6 +68,25 @@ def test_decode_mode_equals_prefill_mode_for_full_kv(tiny, tmp_path):
     assert all(x["new_tokens"] == 12 and x["prompt_tokens"] > x["context_tokens"] for x in lines)
 
 
+def test_method_variants_run_beside_each_other(tiny, tmp_path):
+    """``METHOD@VARIANT`` labels: the same method twice in one run, each with its own options, on the same
+    prompts (one shared prefill); the lines carry the labels, the caches their options."""
+    from heterocache.eval.arguments import method_options
+
+    model, tok = tiny
+    samples = list(passkey.load(tokenizer=tok, lengths=[400], samples=1, depths=[0.5]))
+    methods = ["heterocache", "heterocache@sketch"]  # (auto: page means on this head_dim-16 model)
+    options = method_options(["heterocache@sketch.index=sketch", "sinks=0", "window=1"], methods)
+    assert options == {"heterocache": {"sinks": 0, "window": 1},
+                       "heterocache@sketch": {"index": "sketch", "sinks": 0, "window": 1}}
+    run_samples(model, tok, samples, RunConfig(tmp_path, methods, [0.5], "passkey", "tiny", "decode",
+                                               method_options=options, progress=False))
+    lines = {x["method"]: x["cache"] for x in read_jsonl(tmp_path / "results.jsonl")}
+    assert set(lines) == {"heterocache", "heterocache@sketch"}
+    assert lines["heterocache"]["method"] == lines["heterocache@sketch"]["method"] == "heterocache"
+    assert 0 < lines["heterocache"]["summary_bytes"] < lines["heterocache@sketch"]["summary_bytes"]  # means < sketch
+
+
 def test_resume_after_truncated_line_and_summary(tiny, tmp_path):
     model, tok = tiny
     samples = list(ruler.load(tokenizer=tok, tasks=["niah_single_1"], lengths=[1200], samples=3))
@@ -199,6 +218,9 @@ def test_shard_arguments_and_accelerate_env(monkeypatch):
     (["eval", "passkey", "--shard", "2/2"], "--shard"),
     (["eval", "passkey", "--option", "nosuch=1"], "no selected method"),
     (["eval", "niah", "--samples", "3"], "do not apply to suite 'niah'"),
+    (["eval", "passkey", "--methods", "snapkv,snapkv"], "listed twice"),
+    (["eval", "passkey", "--methods", "nosuch@x"], "unknown method"),
+    (["eval", "passkey", "--methods", "snapkv@w", "--option", "snapkv@w.nosuch=1"], "nosuch"),
 ])
 def test_bad_input_errors(argv, message, capsys):
     assert eval_main(argv) == 2

@@ -146,12 +146,16 @@ def csv(text: str) -> list[str]:
 
 
 def parse_methods(text: str, flag: str = "--methods") -> list[str]:
-    """Comma list of registered method names and peer methods (``kvpress:PRESS``, needs the peers extra)."""
+    """Comma list of registered method names (``NAME@VARIANT``: the method NAME under its own label, see
+    ``eval.grid.base_method``) and peer methods (``kvpress:PRESS``, needs the peers extra)."""
+    from heterocache.eval.grid import base_method
     from heterocache.methods.base import available_methods
     from heterocache.peers.kvpress import INSTALL_HINT, is_peer_method, kvpress_available, parse_peer_name
 
     methods = csv(text)
-    unknown = [m for m in methods if m not in available_methods() and not is_peer_method(m)]
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"{flag}: a method is listed twice ({text}); give variants their own labels, METHOD@NAME")
+    unknown = [m for m in methods if base_method(m) not in available_methods() and not is_peer_method(m)]
     if unknown or not methods:
         raise ValueError(f"{flag}: unknown method(s) {unknown}; available methods: {', '.join(available_methods())}"
                          " and the kvpress:PRESS peers (`heterocache methods` lists them)")
@@ -189,6 +193,7 @@ def parse_options(pairs: list[str] | None) -> dict:
 def method_options(pairs: list[str] | None, methods: list[str]) -> dict[str, dict]:
     """``--option`` values per selected method, each checked by ``build_method`` (unknown option,
     bad type or range: ValueError) and, for a ``profile`` path, by the file's existence."""
+    from heterocache.eval.grid import base_method
     from heterocache.methods.base import build_method, method_class
     from heterocache.peers.kvpress import build_press, is_peer_method
 
@@ -196,7 +201,7 @@ def method_options(pairs: list[str] | None, methods: list[str]) -> dict[str, dic
     for name, value in parse_options(pairs).items():
         target, _, option = name.rpartition(".")
         ours = [m for m in methods if not is_peer_method(m)]  # a peer's options are always named METHOD.NAME
-        owners = [target] if target else [m for m in ours if option in method_class(m).options()]
+        owners = [target] if target else [m for m in ours if option in method_class(base_method(m)).options()]
         if not owners or (target and target not in methods):
             raise ValueError(f"--option {name}: no selected method ({', '.join(methods)}) takes it")
         for method in owners:
@@ -205,7 +210,7 @@ def method_options(pairs: list[str] | None, methods: list[str]) -> dict[str, dic
         if is_peer_method(method):
             build_press(method, 0.5, **options)
             continue
-        build_method(method, **options)
+        build_method(base_method(method), **options)
         profile = options.get("profile")
         if isinstance(profile, str) and not Path(profile).expanduser().is_file():
             raise FileNotFoundError(f"--option {method}.profile={profile}: no such file")

@@ -50,6 +50,13 @@ def is_peer(method: str) -> bool:
     return method.startswith("kvpress:")
 
 
+def base_method(label: str) -> str:
+    """The registered method of a run label: ``"heterocache@pages"`` -> ``"heterocache"``. A label
+    ``METHOD@VARIANT`` runs METHOD under its own name, with its own ``--option METHOD@VARIANT.NAME=VALUE``
+    values, beside the plain METHOD in the same run (ablations on the same prompts and prefill)."""
+    return label.partition("@")[0]
+
+
 class Feeder:
     """One job's cache behind one call: ``feeder(input_ids (B, q), **forward_kwargs) -> logits``."""
 
@@ -65,7 +72,7 @@ class Feeder:
             return cls(model, session=make_peer_session(model, method, keep, **(options or {})))
         from heterocache import make_cache
 
-        return cls(model, cache=make_cache(model, method, keep, **(options or {})))
+        return cls(model, cache=make_cache(model, base_method(method), keep, **(options or {})))
 
     @classmethod
     def reference(cls, model) -> Feeder:
