@@ -141,7 +141,8 @@ class Quest(RetrievingMethod):
                 continue
             per_head = split_evenly(left, len(sparse) * heads)
             if min(per_head) - self.metadata_tokens(prompt_len) >= 2 * self.page:
-                roles = ["sliding" if w is not None else "dense" if l in dense else "pages" for l, w in enumerate(windows)]
+                roles = ["sliding" if window is not None else "dense" if layer in dense else "pages"
+                         for layer, window in enumerate(windows)]
                 return self._budgets(roles, prompt_len, share, per_head), roles
         roles = ["sliding" if w is not None else "static" for w in windows]
         return self._budgets(roles, prompt_len, share, split_evenly(rest, len(full) * heads) if full else []), roles
