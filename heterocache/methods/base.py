@@ -266,6 +266,7 @@ _BUILTIN: dict[str, str] = {
     "tova": "heterocache.methods.tova:TOVA",
     "heterocache": "heterocache.methods.heterocache:HeteroCache",
     "quest": "heterocache.methods.quest:Quest",
+    "omnikv": "heterocache.methods.omnikv:OmniKV",
 }
 _REGISTRY: dict[str, type[Method]] = {}
 
