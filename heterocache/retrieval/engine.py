@@ -34,6 +34,8 @@ class Counters:
     refreshes: int = 0  # (layer, step) selections
     tokens: int = 0  # tokens fetched that were not resident
     bytes: int = 0  # bytes of keys + values of those tokens read from the tier
+    critical_bytes: int = 0  # of which fetched for an attention that waits for them (this step, this layer)
+    prefetched_bytes: int = 0  # of which issued at least one layer before the attention that uses them
     checked: int = 0  # (layer, sequence, step) refill decisions
     skipped: int = 0  # of which not refilled (HeteroCache's drift gate)
     select_s: float = 0.0  # time spent choosing + fetching + writing (on the decode critical path)
@@ -198,6 +200,15 @@ class RetrievalEngine:
             keys = rebuild(rows, units).reshape(-1, unit * d).to(layer.dtype)
         return keys, values
 
+    def count_fetch(self, nbytes: int, prefetched: bool = False) -> None:
+        """Count ``nbytes`` read from the tier: on the critical path (the default: a refill before the
+        attention that needs it) or ``prefetched`` (issued at least one layer earlier)."""
+        self.counters.bytes += nbytes
+        if prefetched:
+            self.counters.prefetched_bytes += nbytes
+        else:
+            self.counters.critical_bytes += nbytes
+
     def fetched_bytes(self, slots: PagedSlots, keys: torch.Tensor, values: torch.Tensor) -> int:
         """Bytes read from the tier for a fetch (rebuilt keys do not cross it)."""
         moved = values.numel() * values.element_size()
@@ -223,7 +234,7 @@ class RetrievalEngine:
             bucket.values.view(-1, unit * d).index_copy_(0, flat, values.to(bucket.values.dtype))
             bucket.positions.view(-1, unit).index_copy_(0, flat, positions.to(bucket.positions.dtype))
             slots.current[rows, into] = units
-            self.counters.bytes += self.fetched_bytes(slots, keys, values)
+            self.count_fetch(self.fetched_bytes(slots, keys, values))
             self.counters.tokens += positions.numel()
         slots.resident = wanted
 
@@ -247,7 +258,7 @@ class RetrievalEngine:
             seq = slots.seq_ids[rows][:, None].expand_as(positions)
             layer.write_slots(seq.reshape(-1), into.reshape(-1), keys, values, positions.reshape(-1))
             slots.slot_of[rows[:, None], positions] = into
-            self.counters.bytes += nbytes
+            self.count_fetch(nbytes)
             self.counters.tokens += positions.numel()
         slots.resident = wanted
 

@@ -58,6 +58,8 @@ class Counters:
     triggers: int = 0  # checks whose overlap fell under the threshold
     tokens: int = 0  # tokens fetched from the tier
     bytes: int = 0  # bytes of keys + values fetched
+    critical_bytes: int = 0  # of which a decode step waited for (retrieval="sync": fetched inside the step)
+    prefetched_bytes: int = 0  # of which fetched behind decode work (retrieval="async": applied a step later)
     exposed_s: float = 0.0  # time the decode step waited for a fetch
     overlapped_s: float = 0.0  # fetch time hidden behind decode work
 
@@ -254,7 +256,12 @@ class Runtime:
                                refresh.positions.to(fetched.keys.device), refresh.counts)
         moved = sum(refresh.counts)
         self.counters.tokens += moved
-        self.counters.bytes += 2 * moved * fetched.keys.shape[-1] * fetched.keys.element_size()
+        nbytes = 2 * moved * fetched.keys.shape[-1] * fetched.keys.element_size()
+        self.counters.bytes += nbytes
+        if self.executor:
+            self.counters.prefetched_bytes += nbytes
+        else:
+            self.counters.critical_bytes += nbytes
         if self.executor:
             self.counters.exposed_s += waited
             self.counters.overlapped_s += max(0.0, fetched.seconds - waited)
