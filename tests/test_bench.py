@@ -22,6 +22,9 @@ LINE_TYPES = {
     "context": int, "batch": int, "steps": int, "warmup": int, "schedule": str, "prefill_s": float, "decode_ms": float,
     "decode_ms_steps": list, "tokens_per_s": float, "peak_memory_bytes": int, "peak_memory_note": str,
     "cache": dict, "weight_bytes": int, "kv_full_bytes": int, "read_bytes_per_token": float,
+    "weight_resident_bytes": int, "decode_slow_tier_bytes": dict, "critical_bytes_per_token": float,
+    "prefetched_bytes_per_token": float, "critical_share_of_kv": float, "prefetched_share_of_kv": float,
+    "device_kv_read_bytes": float, "device_metadata_bytes": int,
 }
 ROW_TYPES = {"speedup_vs_full": float, "bound_speedup": float, "fraction_of_bound": float}
 
@@ -40,8 +43,10 @@ def _tiny_weight_bytes() -> int:
 
 
 def test_bench_cli_end_to_end_and_resume(tmp_path, capsys):
+    # the paper's mode needs a head profile, which a random-weight model has not (the default mode needs none)
     argv = ["bench", "--model-config", "tiny", "--context", "48,0.096k", "--methods", "snapkv,streamingllm,heterocache",
-            "--keep", "0.5", "--steps", "3", "--warmup", "1", "--max-batch", "--out", str(tmp_path)]
+            "--keep", "0.5", "--steps", "3", "--warmup", "1", "--max-batch", "--option", "heterocache.retrieval=async",
+            "--out", str(tmp_path)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "skipping heterocache" in printed and "profile" in printed
@@ -182,8 +187,8 @@ def test_argument_parsing_and_errors(capsys, tmp_path):
     # one option syntax for eval, bench and generate: --option [METHOD.]NAME=VALUE (was METHOD:NAME=VALUE here)
     profile = tmp_path / "p.json"
     profile.write_text("{}")
-    assert method_options([f"heterocache.profile={profile}", "heterocache.steps=3"], ["heterocache"]) == {
-        "heterocache": {"profile": str(profile), "steps": 3}}
+    assert method_options([f"heterocache.profile={profile}", "heterocache.retrieval=async", "heterocache.steps=3"],
+                          ["heterocache"]) == {"heterocache": {"profile": str(profile), "retrieval": "async", "steps": 3}}
     with pytest.raises(ValueError, match="no selected method"):
         method_options(["h2o.window=3"], ["snapkv"])
     with pytest.raises(SystemExit, match="unknown"):

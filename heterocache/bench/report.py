@@ -85,6 +85,15 @@ def _time_shares(row: dict) -> str:
     return ", ".join(parts) or "-"
 
 
+def _transfer_cells(row: dict) -> tuple[str, str]:
+    """Slow-tier bytes per decode token over the timed steps, critical / prefetched: MB and share of
+    the full KV of the context (n/a for lines written before the bench counted them)."""
+    if "critical_bytes_per_token" not in row:
+        return "n/a", "n/a"
+    mb = f"{row['critical_bytes_per_token'] / 2**20:.2f} / {row['prefetched_bytes_per_token'] / 2**20:.2f}"
+    return mb, f"{row['critical_share_of_kv']:.1%} / {row['prefetched_share_of_kv']:.1%}"
+
+
 def _prefill_cell(row: dict) -> str:
     """Seconds to the first token; for a run that shared its prefill, next to the shared forward's."""
     if not row.get("shared_prefill_jobs"):
@@ -96,7 +105,8 @@ def markdown_table(rows: list[dict], max_batches: list[dict] = ()) -> str:
     """One row per result; the footnote explains the bound, the natural limit and the timing protocol."""
     head = ("| method | keep | kept | context | batch | threads | schedule | prefill s | decode ms/token | tokens/s "
             "| speedup vs full | bound | of bound | ms / natural limit | read MB/token | peak MB | cache device MB "
-            "| of which overhead MB | cache host MB | timed parts (share of decode; prefill) |")
+            "| of which overhead MB | cache host MB | slow tier MB/token critical / prefetched | of full KV "
+            "| timed parts (share of decode; prefill) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     order = sorted(rows, key=lambda r: (r["model"], r.get("threads", 0), r.get("schedule", ""),
                                         r.get("natural_limit") or r["context"], r["batch"],
@@ -114,7 +124,7 @@ def markdown_table(rows: list[dict], max_batches: list[dict] = ()) -> str:
                  megabytes(r["read_bytes_per_token"]), megabytes(r["peak_memory_bytes"]),
                  megabytes(cache["device_bytes"]),
                  megabytes(cache["device_overhead_bytes"]) if "device_overhead_bytes" in cache else "n/a",
-                 megabytes(cache["host_bytes"]), _time_shares(r)]
+                 megabytes(cache["host_bytes"]), *_transfer_cells(r), _time_shares(r)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     text = "\n".join(lines) + "\n"
     if rows:
@@ -125,6 +135,9 @@ def markdown_table(rows: list[dict], max_batches: list[dict] = ()) -> str:
                  "Natural limit (--natural-limit) = full at keep x context tokens, timed in the same group; "
                  "ms / natural limit = method at keep r, context C / full at r*C (1.00 = at the limit). "
                  "Overhead = decode headroom + bucket padding of the cache storage (stats()). "
+                 "Slow tier = bytes read from the host/disk tier per decode token over the timed steps only "
+                 "(warm-up and prefill left out): critical (a step's attention waits for them) / prefetched "
+                 "(issued at least a layer ahead); of full KV = bytes per step / full KV bytes of the context. "
                  + ("Prefill s of runs that shared one forward (shared_prefill_jobs) = that forward less the "
                     "other runs' compress_s. " if any(x.get("shared_prefill_jobs") for x in rows) else "") +
                  f"Decode = median of {r['steps']} steps after {r['warmup']} warm-up ({r['device']}, {r['dtype']}). "
@@ -165,13 +178,27 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(lines: list[dict], model_tag: str, out_dir: Path | None) -> None:
+def write_report(lines: list[dict], model_tag: str, out_dir: Path | None, devices: list = ()) -> None:
+    """Print the table (and, with ``devices``, the projected GPU steps of every line: bench/project.py);
+    write them with the rows under ``out_dir``."""
     rows = [r for r in derive(lines) if r["model"] == model_tag]
     max_batches = [x for x in lines if x["kind"] == "max_batch" and x["model"] == model_tag]
     table = markdown_table(rows, max_batches)
+    summary = {"rows": rows, "max_batch": max_batches}
+    if devices:
+        from heterocache.bench.project import markdown, measured_workloads, project_all
+
+        workloads = measured_workloads(rows)
+        projected = project_all(workloads, list(devices))
+        if not workloads:
+            table += "\nbench: no line to project (lines written before the bench counted slow-tier bytes)\n"
+        else:
+            table += "\n" + markdown(projected, list(devices), f"Projection of the measured lines ({model_tag}'s own "
+                                                                "weights and KV, counters of the timed steps):")
+        summary["projection"] = projected
     print(table)
     if out_dir:
-        (out_dir / "results.json").write_text(json.dumps({"rows": rows, "max_batch": max_batches}, indent=1))
+        (out_dir / "results.json").write_text(json.dumps(summary, indent=1))
         (out_dir / "table.md").write_text(table)
         if rows:
             plot(rows, out_dir / "decode_ms.png")

@@ -14,7 +14,7 @@ import torch
 
 from heterocache.bench.models import kv_bytes, load_model_for_bench, weight_read_bytes
 from heterocache.bench.report import megabytes, open_results, result_key, write_report
-from heterocache.eval.grid import Feeder, method_grid, pending, share_prefill
+from heterocache.eval.grid import Feeder, base_method, method_grid, pending, share_prefill
 from heterocache.eval.search import largest_fitting
 
 CPU_MEMORY_NOTE = "CPU: cache device_bytes only (no allocator peak; weights and activations not counted)"
@@ -57,7 +57,14 @@ class _Decoder:
     def __init__(self, feeder: Feeder, token: torch.Tensor, mask: torch.Tensor | None):
         self.feeder, self.token, self.mask = feeder, token, mask
         self.position = None if mask is None else mask.sum(-1, keepdim=True)  # (B, 1) next RoPE position
-        self.at_prefill = _time_counters(feeder.stats())  # what the prefill already spent
+        stats = feeder.stats()
+        self.at_prefill = _time_counters(stats)  # what the prefill already spent
+        self.bytes_at_prefill = _byte_counters(stats)
+        self.bytes_at_timed = self.bytes_at_prefill  # set again after the warm-up steps (mark_timed)
+
+    def mark_timed(self) -> None:
+        """The slow-tier byte counters where the timed decode steps begin (after the warm-up)."""
+        self.bytes_at_timed = _byte_counters(self.feeder.stats())
 
     def step(self) -> float:
         if self.mask is None:
@@ -73,6 +80,42 @@ def _time_counters(stats: dict) -> dict[str, float]:
     """The time counters a method reports: stats keys ending in ``_s``."""
     return {name: value for name, value in stats.items()
             if name.endswith("_s") and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+BYTE_COUNTERS = ("retrieval_bytes", "retrieval_critical_bytes", "retrieval_prefetched_bytes")
+
+
+def _byte_counters(stats: dict) -> dict[str, int]:
+    """The slow-tier byte counters of a method's stats (0 where it reports none: no retrieval)."""
+    return {name: int(stats.get(name, 0) or 0) for name in BYTE_COUNTERS}
+
+
+def transfer_fields(stats: dict, at_prefill: dict, at_timed: dict, steps: int, batch: int, full_kv: int) -> dict:
+    """Slow-tier bytes of the timed decode steps only (the warm-up and what the prefill moved are left
+    out), per decode token (one row's token: bytes / (steps x batch)) and as a share of the full KV of
+    the context (per step / ``full_kv``, the full KV of every row), split into critical-path and
+    prefetched bytes; bytes a method counted without the split count as critical. Also the device
+    bytes a step reads: ``device_kv_read_bytes`` (held prompt tokens: ``keep_fraction``, or
+    ``stored_fraction`` for a peer that masks, of the full KV) and ``device_metadata_bytes`` (the
+    method's own device bytes: indexes and summaries, not its storage, padding or an emulated device tier)."""
+    now = _byte_counters(stats)
+    total, critical, prefetched = (now[n] - at_timed[n] for n in BYTE_COUNTERS)
+    critical += max(0, total - critical - prefetched)
+    tokens = max(1, steps * batch)
+    storage = stats.get("device_used_bytes", 0) + stats.get("device_overhead_bytes", 0)
+    metadata = stats["device_bytes"] - storage - stats.get("device_tier_bytes", 0) if "device_overhead_bytes" in stats else 0
+    out = {
+        "decode_slow_tier_bytes": {"critical": critical, "prefetched": prefetched, "steps": steps},
+        "critical_bytes_per_token": critical / tokens, "prefetched_bytes_per_token": prefetched / tokens,
+        "critical_share_of_kv": critical / max(1, steps) / full_kv if full_kv else 0.0,
+        "prefetched_share_of_kv": prefetched / max(1, steps) / full_kv if full_kv else 0.0,
+        "device_kv_read_bytes": stats.get("stored_fraction", stats["keep_fraction"]) * full_kv,
+        "device_metadata_bytes": max(0, int(metadata)),
+    }
+    moved_in_prefill = at_prefill["retrieval_bytes"]
+    if moved_in_prefill:
+        out["prefill_slow_tier_bytes"] = moved_in_prefill
+    return out
 
 
 def _jsonable(value):
@@ -96,6 +139,7 @@ class Bench:
         self.dtype = next(model.parameters()).dtype
         self.geometry = model_geometry(model)
         self.weight_bytes = weight_read_bytes(model)
+        self.resident_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
     def prompt(self, context: int, batch: int, spread: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Random ids ``(B, context)``; with ``spread`` > 0 row ``i`` has ``context * (1 - spread * i / (B - 1))``
@@ -138,11 +182,14 @@ class Bench:
                 prefills.append(timing)
                 decoders.append(_Decoder(feeder, token, mask))
             times = [[] for _ in decoders]
-            for _ in range(warmup + steps):
+            for step in range(warmup + steps):
+                if step == warmup:
+                    for decoder in decoders:
+                        decoder.mark_timed()
                 for i, decoder in enumerate(decoders):
                     times[i].append(decoder.step())
             return [self._line(m, k, o, context, batch, steps, warmup, prefills[i], times[i], decoders[i].feeder,
-                               schedule, run_context, mask, spread, decoders[i].at_prefill)
+                               schedule, run_context, mask, spread, decoders[i])
                     for i, (m, k, o, run_context, mask) in enumerate(measured)]
         finally:
             for decoder in decoders:
@@ -192,8 +239,9 @@ class Bench:
         return out
 
     def _line(self, method, keep, options, context, batch, steps, warmup, timing, all_times, cache,
-              schedule, run_context, mask, spread, at_prefill: dict) -> dict:
+              schedule, run_context, mask, spread, decoder: _Decoder) -> dict:
         stats = cache.stats()
+        at_prefill = decoder.at_prefill
         times = all_times[warmup:]
         decode_ms = statistics.median(times)
         prompt_tokens = run_context * batch if mask is None else int(mask.sum())
@@ -219,7 +267,10 @@ class Bench:
             **timing, "decode_ms": decode_ms, "decode_ms_steps": times,
             "tokens_per_s": batch * 1000.0 / decode_ms, "peak_memory_bytes": int(peak), "peak_memory_note": note,
             "cache": _jsonable(stats), "weight_bytes": self.weight_bytes, "kv_full_bytes": full_kv,
-            "read_bytes_per_token": self.weight_bytes + stats["keep_fraction"] * full_kv, "time_shares": shares,
+            "read_bytes_per_token": self.weight_bytes + stats["keep_fraction"] * full_kv,
+            "weight_resident_bytes": self.resident_bytes,
+            **transfer_fields(stats, decoder.bytes_at_prefill, decoder.bytes_at_timed, steps, batch, full_kv),
+            "time_shares": shares,
             "prefill_time_counters": {name: value for name, value in at_prefill.items() if value > 0},
             "torch": torch.__version__, "load_average": os.getloadavg()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
@@ -237,9 +288,21 @@ class Bench:
         return largest_fitting(fits, limit)
 
 
+def _needs_profile(options: dict) -> bool:
+    """Whether HeteroCache with these options needs a head profile it was not given: the paper's modes
+    and ``weighting="profile"`` do; the default (dynamic retrieval, uniform budgets) does not."""
+    from heterocache.methods.base import build_method
+
+    if "profile" in options:
+        return False
+    method = build_method("heterocache", **options)
+    return not method.dynamic or method.split == "profile"
+
+
 def run_bench(args, contexts: list[int], methods: list[str], keeps: list[float], batches: list[int],
-              options: dict[str, dict]) -> int:
-    """Measure the grid (FullKV + every method x keep) at every context x batch; arguments already checked."""
+              options: dict[str, dict], devices: list | None = None) -> int:
+    """Measure the grid (FullKV + every method x keep) at every context x batch; arguments already checked.
+    ``devices`` (``--project``): GPU presets every measured line is projected onto (bench/project.py)."""
     from heterocache.models import is_embedded
 
     if args.threads is not None:
@@ -249,13 +312,13 @@ def run_bench(args, contexts: list[int], methods: list[str], keeps: list[float],
     if limit and max(contexts) + args.warmup + args.steps + 1 > limit:
         raise ValueError(f"--context {max(contexts)} + {args.warmup + args.steps + 1} decode tokens exceeds the "
                          f"model's {limit} positions")
-    if "heterocache" in methods and "profile" not in options.get("heterocache", {}):
+    for label in [m for m in methods if base_method(m) == "heterocache" and _needs_profile(options.get(m, {}))]:
         if args.model_config:
-            print("bench: skipping heterocache: a random-weight --model-config model has no head profile; pass "
-                  "--option heterocache.profile=PATH (a profile of this very model) to include it")
-            methods = [m for m in methods if m != "heterocache"]
+            print(f"bench: skipping {label}: its mode needs a head profile and a random-weight --model-config "
+                  f"model has none; pass --option {label}.profile=PATH (a profile of this very model) to include it")
+            methods = [m for m in methods if m != label]
         elif is_embedded(bench.model):
-            print("bench: heterocache uses the embedded model's cached head profile (the first calibration "
+            print(f"bench: {label} uses the embedded model's cached head profile (the first calibration "
                   "takes minutes)")
     out_dir = Path(args.out) if args.out else None
     if out_dir:
@@ -307,5 +370,5 @@ def run_bench(args, contexts: list[int], methods: list[str], keeps: list[float],
                     found = bench.max_batch(method, keep, options.get(method, {}), context, args.max_batch_limit)
                     results.append({**max_batch_key(method, keep, context), "max_batch": found})
                     print(f"  {method:13s} keep={keep:<5g} context={context:<6d} max batch {found}", flush=True)
-        write_report(results.lines, bench.model_tag, out_dir)
+        write_report(results.lines, bench.model_tag, out_dir, devices or [])
     return 0
