@@ -133,3 +133,19 @@ def test_prompt_beyond_the_context_window_warns_once():
         with torch.no_grad():
             model.generate(ids[:, :4000], **cache_kwargs(cache, model), max_new_tokens=3, do_sample=False)
     assert not [w for w in caught if "context window" in str(w.message)]
+
+
+def test_memory_tier_of_values_only():
+    """``put(layer, None, values)`` (ShadowKV rebuilds keys on the device): blocks, take and gather serve
+    the values, with empty keys."""
+    tier = make_tier("host", torch.device("cpu"))
+    values = torch.arange(2 * 8 * 3, dtype=torch.float32).view(2, 8, 3)
+    tier.put(0, None, values)
+    keys_blocks, value_blocks = tier.blocks(0, 4)
+    assert keys_blocks.shape == (4, 0) and torch.equal(value_blocks[3], values[1, 4:].reshape(-1))
+    out = torch.empty(2, 12)
+    tier.take(0, torch.tensor([3, 0]), None, out, 4)
+    assert torch.equal(out[0], values[1, 4:].reshape(-1)) and torch.equal(out[1], values[0, :4].reshape(-1))
+    keys, gathered = tier.gather(0, torch.tensor([1]), torch.tensor([[2, 7]]))
+    assert keys.shape == (1, 2, 0) and torch.equal(gathered[0], values[1, [2, 7]])
+    assert tier.nbytes() == values.nbytes

@@ -267,6 +267,7 @@ _BUILTIN: dict[str, str] = {
     "heterocache": "heterocache.methods.heterocache:HeteroCache",
     "quest": "heterocache.methods.quest:Quest",
     "omnikv": "heterocache.methods.omnikv:OmniKV",
+    "shadowkv": "heterocache.methods.shadowkv:ShadowKV",
 }
 _REGISTRY: dict[str, type[Method]] = {}
 

@@ -91,8 +91,9 @@ class MemoryTier(Tier):
     def blocks(self, layer: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys, values of ``layer`` viewed as ``(n * T / group, group * D)`` blocks (no copy)."""
         keys, values = self.layers[layer]
-        n, length, dim = keys.shape
-        return keys.view(n * length // group, group * dim), values.view(n * length // group, group * dim)
+        n, length, dim = values.shape  # (keys may be (n, T, 0): values only)
+        return (keys.view(n * length // group, group * keys.shape[-1]),
+                values.view(n * length // group, group * dim))
 
     def take(self, layer: int, flat: torch.Tensor, keys_out: torch.Tensor, values_out: torch.Tensor,
              group: int = 1) -> None:
@@ -108,13 +109,15 @@ class MemoryTier(Tier):
         """``rows (m,)`` into the stored ``n``, ``positions (m, k)`` -> keys, values ``(m, k, D)`` on this
         tier, written into pinned memory when ``pin`` (the transfer to the GPU is then asynchronous)."""
         keys, values = self.layers[layer]
-        n, length, dim = keys.shape
-        flat = (rows.to(keys.device)[:, None] * length + positions.to(keys.device)).reshape(-1)
+        n, length, _ = values.shape
+        flat = (rows.to(values.device)[:, None] * length + positions.to(values.device)).reshape(-1)
         out = []
-        for stored in (keys, values):
+        for stored in (keys, values):  # keys (n, T, 0) when the tier holds values only
+            dim = stored.shape[-1]
             buffer = torch.empty((flat.numel(), dim), dtype=stored.dtype, device=stored.device,
                                  pin_memory=self.pin and stored.device.type == "cpu")
-            torch.index_select(stored.view(n * length, dim), 0, flat, out=buffer)
+            if dim:
+                torch.index_select(stored.view(n * length, dim), 0, flat, out=buffer)
             out.append(buffer.view(*positions.shape, dim))
         return out[0], out[1]
 
