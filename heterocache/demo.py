@@ -24,7 +24,7 @@ import torch
 
 
 def run_demo(methods: list[str], keep: float, out_dir: Path, length: int = 3000, question_mode: str = "decode",
-             model_name: str | None = None) -> int:
+             model_name: str | None = None, dtype: str = "float32") -> int:
     import heterocache as hc
     from heterocache.eval.grid import Feeder
     from heterocache.eval.runner import generate_one, score_prediction
@@ -36,8 +36,12 @@ def run_demo(methods: list[str], keep: float, out_dir: Path, length: int = 3000,
         raise ValueError(f"unknown method(s) {unknown}; choose from {hc.available_methods()}")
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    model, tok = hc.load_model(model_name)
-    print(f"model loaded in {time.perf_counter() - start:.1f}s")
+    from heterocache.models import resolve_dtype
+
+    torch_dtype, why = resolve_dtype(dtype)
+    model, tok = hc.load_model(model_name, dtype=torch_dtype)
+    dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
+    print(f"model loaded in {time.perf_counter() - start:.1f}s, dtype {dtype_name} ({why})")
     samples = list(passkey.load(tokenizer=tok, lengths=[length], samples=1))
     rows = []
     for method in methods:
@@ -69,7 +73,7 @@ def run_demo(methods: list[str], keep: float, out_dir: Path, length: int = 3000,
             "refills_skipped": skipped_share(sample_stats),
         })
         print(f"  {method}: {hits}/{len(samples)}")
-    table = format_table(rows, length, question_mode)
+    table = format_table(rows, length, question_mode, dtype_name)
     print(table)
     (out_dir / "demo.json").write_text(json.dumps(rows, indent=2))
     (out_dir / "demo.md").write_text(table + "\n")
@@ -78,9 +82,9 @@ def run_demo(methods: list[str], keep: float, out_dir: Path, length: int = 3000,
     return 0
 
 
-def format_table(rows: list[dict], length: int, question_mode: str) -> str:
+def format_table(rows: list[dict], length: int, question_mode: str, dtype: str = "float32") -> str:
     asked = "after compression (decode path)" if question_mode == "decode" else "inside the compressed prompt"
-    lines = [f"Passkey in ~{length} essay tokens (depths 0.1 / 0.5 / 0.9), question asked {asked}", "",
+    lines = [f"Passkey in ~{length} essay tokens (depths 0.1 / 0.5 / 0.9), question asked {asked}, {dtype}", "",
              "| method | keep | answers (gold) | correct | kept fraction | device KV MB | host/disk MB | "
              "fetched KB/token | decode tok/s | refills skipped |",
              "|---|---|---|---|---|---|---|---|---|---|"]

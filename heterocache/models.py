@@ -34,7 +34,7 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 
 __all__ = ["EMBEDDED_NAME", "cache_root", "check_model", "check_model_name", "check_prompt_length",
            "effective_window", "embedded_gguf_path", "is_embedded", "layer_windows", "load_embedded_tokenizer",
-           "load_model", "model_geometry", "resolve_model"]
+           "fast_bf16", "load_model", "model_geometry", "resolve_dtype", "resolve_model"]
 
 
 def embedded_gguf_path() -> Path:
@@ -50,9 +50,44 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def fast_bf16(device: str | torch.device | None = None) -> str | None:
+    """Why bf16 is the faster dtype on ``device`` (None: the CPU), or None where it is not: CUDA with bf16
+    support, or a CPU with AMX bf16 / AVX-512 bf16 (Linux ``/proc/cpuinfo`` flags; bf16 matmuls there
+    run ~2.7x faster than fp32: an 8,000-token Qwen2.5-0.5B prefill, 14 s vs 39 s)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        return "CUDA with bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
+    if device.type != "cpu":
+        return None
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return None
+    if "amx_bf16" in flags:
+        return "this CPU has AMX bf16"
+    if "avx512_bf16" in flags:
+        return "this CPU has AVX-512 bf16"
+    return None
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None
+                  ) -> tuple[torch.dtype | None, str]:
+    """``(dtype, why)``: ``"auto"`` is bf16 where :func:`fast_bf16` says so, else fp32; any other value is
+    what it names (None: the model's default, fp32 for dequantised checkpoints)."""
+    if isinstance(dtype, str) and dtype == "auto":
+        reason = fast_bf16(device)
+        if reason:
+            return torch.bfloat16, f"auto: {reason}"
+        return torch.float32, "auto: no AMX / AVX-512 bf16 here"
+    return _parse_dtype(dtype), "as asked"
+
+
 def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return resolve_dtype(dtype)[0]
     table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
              "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if dtype not in table:
@@ -215,14 +250,15 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str | torc
     transformers into a safetensors copy under ``cache_root() / "models"``, keyed by the file's
     sha256, and read from there afterwards; a local HF directory or a hub id loads as usual (the hub
     is unreachable on offline machines: a clear error). Dequantised checkpoints load in fp32 unless
-    ``dtype`` says otherwise (``"bfloat16"``, ``torch.float16``, ...).
+    ``dtype`` says otherwise (``"bfloat16"``, ``torch.float16``, ...; ``"auto"``: bf16 where the
+    device has fast bf16, :func:`fast_bf16`, else fp32).
 
     Errors: FileNotFoundError for a missing file, directory or named model (naming the command
     that installs it); ValueError for a file that is not GGUF, a truncated one, a GGUF architecture
     transformers cannot dequantise (named, with the supported ones), or a model heterocache cannot
     host.
     """
-    torch_dtype = _parse_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype, device)[0]
     kind, where = resolve_model(name_or_path, gguf_file)
     if kind == "embedded":
         model, tokenizer = _load_embedded(torch_dtype)

@@ -35,13 +35,16 @@ def _decode(model, ids, steps: int, **options):
     return torch.cat(rows), held, runtime, stats
 
 
-@pytest.mark.parametrize("index,summary_dtype,batch,page_score", [
-    ("sketch", "int8", 1, "lse"), ("sketch", "int8", 1, "max"), ("sketch", "float32", 1, "lse"),
-    ("pages", "int8", 1, "lse"), ("pages", "float32", 1, "lse"), ("sketch", "int8", 2, "lse")])
-def test_native_refill_matches_the_torch_blocks(index, summary_dtype, batch, page_score):
+@pytest.mark.parametrize("index,summary_dtype,batch,page_score,dtype", [
+    ("sketch", "int8", 1, "lse", "float32"), ("sketch", "int8", 1, "max", "float32"),
+    ("sketch", "float32", 1, "lse", "float32"), ("pages", "int8", 1, "lse", "float32"),
+    ("pages", "float32", 1, "lse", "float32"), ("sketch", "int8", 2, "lse", "float32"),
+    ("pages", "int8", 1, "lse", "bfloat16"), ("sketch", "int8", 2, "lse", "bfloat16")])
+def test_native_refill_matches_the_torch_blocks(index, summary_dtype, batch, page_score, dtype):
     """``stick`` stays 0 here: with a bonus, pages tie exactly at the bonus (each query row's best page
-    scores 0) and tied pages are chosen differently (C: lower page first; ``torch.topk``: unspecified)."""
-    model = tiny_model("llama", layers=2, heads=6, kv_heads=2)  # 3 query rows per KV head
+    scores 0) and tied pages are chosen differently (C: lower page first; ``torch.topk``: unspecified).
+    A bf16 cache: the C routine copies bf16 pages from a bf16 tier and scores fp32 queries, as PyTorch does."""
+    model = tiny_model("llama", layers=2, heads=6, kv_heads=2).to(getattr(torch, dtype))  # 3 query rows per KV head
     ids = torch.randint(0, 128, (batch, 300), generator=torch.Generator().manual_seed(3))
     # refresh_drift 0: every step refills (the gate is compared in test_native_drift_gate_matches_the_torch_one)
     options = {"index": index, "rank": 3, "page": 4, "summary_dtype": summary_dtype, "page_score": page_score,

@@ -149,3 +149,20 @@ def test_memory_tier_of_values_only():
     keys, gathered = tier.gather(0, torch.tensor([1]), torch.tensor([[2, 7]]))
     assert keys.shape == (1, 2, 0) and torch.equal(gathered[0], values[1, [2, 7]])
     assert tier.nbytes() == values.nbytes
+
+
+def test_dtype_auto_is_bf16_where_the_cpu_has_it(monkeypatch):
+    """``--dtype auto`` (the eval and demo default): bf16 on a CPU with AMX / AVX-512 bf16, fp32 elsewhere,
+    with the reason; an explicit dtype is what it names."""
+    from pathlib import Path
+
+    from heterocache import models
+
+    for flags, want in (("fpu sse avx512f amx_bf16 amx_tile", torch.bfloat16), ("fpu avx512_bf16", torch.bfloat16),
+                        ("fpu sse2 avx2", torch.float32)):
+        monkeypatch.setattr(Path, "read_text", lambda self, flags=flags: f"processor : 0\nflags\t\t: {flags}\n")
+        dtype, why = models.resolve_dtype("auto")
+        assert dtype == want and why.startswith("auto:")
+        assert ("has" in why) == (want == torch.bfloat16)
+    assert models.resolve_dtype("float32") == (torch.float32, "as asked")
+    assert models.resolve_dtype(None)[0] is None

@@ -22,7 +22,7 @@ from pathlib import Path
 
 MODEL_HELP = ("the embedded SmolLM2-135M (default), a .gguf file, qwen2.5-coder-0.5b (`make long-model`), a local "
               "HF directory or a hub id")
-DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")  # what models.load_model accepts
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")  # what models.load_model accepts
 
 
 class UsageError(SystemExit):

@@ -106,17 +106,20 @@ def _run_eval(args) -> int:
 
     from heterocache.eval.report import write_summary
     from heterocache.eval.runner import RunConfig, parse_shard, run_samples, shard_from_env
-    from heterocache.models import EMBEDDED_NAME, load_model, model_geometry
+    from heterocache.models import EMBEDDED_NAME, load_model, model_geometry, resolve_dtype
 
     methods, keeps, options = _validate(args)
     out_dir = Path(args.out or f"results/{args.suite}")
     target = args.device
     if target is None and torch.cuda.is_available():
         target = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    model, tokenizer = load_model(args.model, device=target, dtype=args.dtype)
+    dtype, why = resolve_dtype(args.dtype, target)
+    model, tokenizer = load_model(args.model, device=target, dtype=dtype)
     if tokenizer is None:
         raise ValueError(f"model {args.model!r} has no tokenizer; evaluation needs one")
-    model_id = args.model or EMBEDDED_NAME
+    dtype = next(model.parameters()).dtype
+    print(f"dtype: {str(dtype).removeprefix('torch.')} ({why})", file=sys.stderr)
+    model_id = (args.model or EMBEDDED_NAME) + ("" if dtype == torch.float32 else f" ({str(dtype).removeprefix('torch.')})")
     if args.suite == "fidelity":
         from heterocache.eval.fidelity import FidelityConfig, run_fidelity
 
@@ -173,7 +176,9 @@ def add_eval_commands(subparsers) -> None:
     p.add_argument("--out", type=output_dir, help="run directory (default: results/SUITE)")
     p.add_argument("--model", type=model_name, default=None, help=MODEL_HELP)
     p.add_argument("--device", type=device, default=None)
-    p.add_argument("--dtype", choices=DTYPES, default=None)
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="auto (default): bf16 where the device has fast bf16 (AMX / AVX-512 bf16 CPUs, CUDA), else "
+                        "fp32; results of other dtypes than fp32 carry it in their model id")
     p.add_argument("--option", action="append", metavar="[METHOD.]NAME=VALUE", help="method option (repeatable)")
     p.add_argument("--data", help="dataset directory (LongBench, LongBench v2, InfiniteBench)")
     p.add_argument("--tasks", help="comma-separated task names of the suite (default: the suite's default set)")
