@@ -228,3 +228,26 @@ def test_resume_after_a_line_cut_mid_write(tmp_path):
     again = [json.loads(x) for x in path.read_text().splitlines()]
     assert [x["method"] for x in again] == ["full", "streamingllm"]
     assert again[0] == json.loads(lines[0])  # the complete line is kept, not measured again
+
+
+def test_essay_prompts_and_random_ids():
+    """``--prompt essays`` (the default with --model): row i is the PEERS essays' tokens from i * context on;
+    ``random`` ids otherwise; a model without a tokenizer refuses essays with the flag to use."""
+    from conftest import tiny_model
+    from eval_helpers import tiny_tokenizer
+
+    from heterocache.bench.run import Bench
+    from heterocache.eval.fidelity import PEERS_SEPARATOR
+    from heterocache.eval.tasks.essays import essay_text
+
+    model = tiny_model("llama", vocab=300)
+    tok = tiny_tokenizer()
+    model.bench_tokenizer = tok
+    ids, mask = Bench(model, "tiny", prompt="essays").prompt(50, 2)
+    tokens = tok(essay_text(None, PEERS_SEPARATOR), add_special_tokens=False)["input_ids"]
+    assert mask is None and ids[0].tolist() == tokens[:50] and ids[1].tolist() == tokens[50:100]
+    random_ids, _ = Bench(model, "tiny", prompt="random").prompt(50, 2)
+    assert random_ids[0].tolist() != tokens[:50]
+    del model.bench_tokenizer
+    with pytest.raises(ValueError, match="--prompt random"):
+        Bench(model, "tiny", prompt="essays")

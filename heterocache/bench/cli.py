@@ -223,6 +223,9 @@ def add_bench_command(subparsers) -> None:
     p.add_argument("--option", action="append", metavar="[METHOD.]NAME=VALUE",
                    help="method option, e.g. heterocache.profile=profile.json (repeatable)")
     p.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--prompt", choices=("essays", "random"), default=None,
+                   help="prompt tokens: essays (the PEERS essay text; default with --model, as retrieval depends on "
+                        "real attention) or random ids (default with --model-config)")
     p.add_argument("--seed", type=int, default=0, help="prompt ids and random weights")
     p.add_argument("--out", type=output_dir, default=None,
                    help="directory for results.jsonl/json, table.md, decode_ms.png (a projection without running: "

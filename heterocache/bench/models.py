@@ -116,5 +116,6 @@ def load_model_for_bench(args) -> tuple:
         return materialise(meta_model(config, dtype), device, seed=args.seed), config.name_or_path
     if args.layers is not None:
         raise ValueError("--layers only applies with --model-config")
-    model, _ = load_model(None if args.model == "embedded" else args.model, device=device, dtype=args.dtype)
+    model, tokenizer = load_model(None if args.model == "embedded" else args.model, device=device, dtype=args.dtype)
+    model.bench_tokenizer = tokenizer  # for --prompt essays (Bench.prompt)
     return model, args.model

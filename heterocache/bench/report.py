@@ -10,7 +10,7 @@ from heterocache.bench.models import bandwidth_bound
 from heterocache.eval.results import ResultLog
 
 KEY_FIELDS = ("kind", "model", "device", "dtype", "threads", "method", "keep", "options", "context", "batch", "steps",
-              "warmup", "schedule", "natural_limit", "length_spread")
+              "warmup", "schedule", "natural_limit", "length_spread", "prompt")
 
 
 def result_key(line: dict) -> str:

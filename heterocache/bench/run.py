@@ -131,10 +131,22 @@ def _jsonable(value):
 class Bench:
     """One model on one device; ``measure`` produces one result line."""
 
-    def __init__(self, model, model_tag: str, seed: int = 0):
+    def __init__(self, model, model_tag: str, seed: int = 0, prompt: str = "random"):
         from heterocache.models import model_geometry
 
         self.model, self.model_tag, self.seed = model, model_tag, seed
+        self.essays: list[int] | None = None  # ``prompt="essays"``: the essays' token ids (tokenised once)
+        self.prompt_kind = prompt
+        if prompt == "essays":
+            tokenizer = getattr(model, "bench_tokenizer", None)
+            if tokenizer is None:
+                raise ValueError("--prompt essays needs a model with a tokenizer (a --model-config model has "
+                                 "random weights and none): use --prompt random")
+            from heterocache.eval.fidelity import PEERS_SEPARATOR
+            from heterocache.eval.tasks.essays import essay_text
+
+            self.essays = tokenizer(essay_text(None, PEERS_SEPARATOR), add_special_tokens=False,
+                                    verbose=False)["input_ids"]
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.geometry = model_geometry(model)
@@ -142,11 +154,18 @@ class Bench:
         self.resident_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
     def prompt(self, context: int, batch: int, spread: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Random ids ``(B, context)``; with ``spread`` > 0 row ``i`` has ``context * (1 - spread * i / (B - 1))``
-        real tokens, left-padded, and the mask ``(B, context)`` (0 on padding) comes along (else None)."""
+        """Prompt ids ``(B, context)``: essay text (``prompt="essays"``: the PEERS essays, row ``i`` from
+        token ``i * context`` on, wrapping around) or random ids; with ``spread`` > 0 row ``i`` has
+        ``context * (1 - spread * i / (B - 1))`` real tokens, left-padded, and the mask ``(B, context)``
+        (0 on padding) comes along (else None)."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + context * 131 + batch)
         vocab = self.model.config.get_text_config().vocab_size
-        ids = torch.randint(3, vocab, (batch, context), generator=gen)
+        if self.essays is not None:
+            stream = torch.tensor(self.essays)
+            starts = [(i * context) % len(self.essays) for i in range(batch)]
+            ids = torch.stack([stream[(torch.arange(context) + start) % len(self.essays)] for start in starts])
+        else:
+            ids = torch.randint(3, vocab, (batch, context), generator=gen)
         if spread <= 0 or batch == 1:
             return ids.to(self.device), None
         lengths = [max(1, round(context * (1 - spread * i / (batch - 1)))) for i in range(batch)]
@@ -155,7 +174,7 @@ class Bench:
 
     def key(self, **fields) -> dict:
         return {"model": self.model_tag, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-                "threads": torch.get_num_threads(), **fields}
+                "threads": torch.get_num_threads(), "prompt": self.prompt_kind, **fields}
 
     def measure(self, runs: list[tuple], context: int, batch: int, steps: int, warmup: int,
                 schedule: str = "sequential", spread: float = 0.0, shared: bool = True) -> list[dict]:
@@ -299,6 +318,13 @@ def _needs_profile(options: dict) -> bool:
     return not method.dynamic or method.split == "profile"
 
 
+def _prompt_kind(args) -> str:
+    """``--prompt``: as given; by default essays where the model has a tokenizer (``--model``), random ids for
+    a random-weight ``--model-config`` model."""
+    prompt = getattr(args, "prompt", None)
+    return prompt or ("random" if args.model_config else "essays")
+
+
 def run_bench(args, contexts: list[int], methods: list[str], keeps: list[float], batches: list[int],
               options: dict[str, dict], devices: list | None = None) -> int:
     """Measure the grid (FullKV + every method x keep) at every context x batch; arguments already checked.
@@ -307,7 +333,7 @@ def run_bench(args, contexts: list[int], methods: list[str], keeps: list[float],
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    bench = Bench(*load_model_for_bench(args), seed=args.seed)
+    bench = Bench(*load_model_for_bench(args), seed=args.seed, prompt=_prompt_kind(args))
     limit = bench.geometry["max_positions"]
     if limit and max(contexts) + args.warmup + args.steps + 1 > limit:
         raise ValueError(f"--context {max(contexts)} + {args.warmup + args.steps + 1} decode tokens exceeds the "
