@@ -121,7 +121,8 @@ def tiny_dir(tmp_path_factory):
 
 def _cli(tiny_dir: Path, out: Path, *extra: str) -> list[str]:
     return ["eval", "passkey", "--model", str(tiny_dir), "--methods", "full,snapkv", "--keep", "0.5",
-            "--out", str(out), "--lengths", "1200", "--samples", "2", "--no-progress", *extra]
+            "--out", str(out), "--lengths", "1200", "--samples", "2", "--no-progress",
+            "--dtype", "float32", *extra]
 
 
 # Runs the eval CLI; after PAUSE_AFTER result lines are durable it creates PAUSE_FILE and blocks, so

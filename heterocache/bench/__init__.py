@@ -1,7 +1,8 @@
 """``heterocache bench``: prefill time, decode ms/token, memory and speedup vs FullKV per method.
 
-Protocol (PEERS.md): random prompt token ids of each context length (timing only: methods
-still compress normally), one prefill forward, then single-token forwards feeding back the argmax;
+Protocol (PEERS.md): a prompt of each context length, essay text by default with ``--model``
+(retrieval methods' work depends on real attention) or random token ids (``--prompt random``, the
+default for ``--model-config`` models), one prefill forward, then single-token forwards feeding back the argmax;
 decode time = median of ``--steps`` steps after ``--warmup`` warm-up steps, ``torch.cuda.synchronize``
 around every timed region on CUDA. Every method is compared with ``full`` measured by the same
 command; ``--interleave`` times the methods' decode steps round-robin instead of one after the
