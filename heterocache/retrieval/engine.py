@@ -54,6 +54,7 @@ class RetrievalEngine:
         self.tier: Tier | None = None
         self.counters = Counters()
         self.allow_blocks = True  # False: always the token-by-token swap (tests compare the two)
+        self.prefetching = False  # set while a policy refills a layer ahead: its bytes count as prefetched
 
     # --- prefill -------------------------------------------------------------------------------
     def page(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, selectable: torch.Tensor,
@@ -202,9 +203,10 @@ class RetrievalEngine:
 
     def count_fetch(self, nbytes: int, prefetched: bool = False) -> None:
         """Count ``nbytes`` read from the tier: on the critical path (the default: a refill before the
-        attention that needs it) or ``prefetched`` (issued at least one layer earlier)."""
+        attention that needs it) or ``prefetched`` (issued at least one layer earlier; also while
+        ``self.prefetching`` is set, by a policy that refills a layer ahead)."""
         self.counters.bytes += nbytes
-        if prefetched:
+        if prefetched or self.prefetching:
             self.counters.prefetched_bytes += nbytes
         else:
             self.counters.critical_bytes += nbytes

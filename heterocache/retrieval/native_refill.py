@@ -130,6 +130,6 @@ def run(engine, layer, slots: PagedSlots, queries: torch.Tensor, refill_mode: st
     counters = engine.counters
     counters.checked += job.n
     counters.skipped += job.skipped
-    engine.count_fetch(2 * moved * state.page_bytes)  # chosen by this step's queries: on the critical path
+    engine.count_fetch(2 * moved * state.page_bytes)  # critical, unless engine.prefetching (a layer ahead)
     counters.tokens += moved * slots.unit
     return True

@@ -44,6 +44,7 @@ class DynamicSettings:
     refill: str = "auto"  # block-layout refill on the CPU: "auto" / "native" (heterocache.native) / "torch"
     page_score: str = "lse"  # sketch: a page scores as the log-sum-exp ("lse") or the max of its tokens
     drift: float = 0.0  # refill a sequence only when its projected queries moved more than this (0: every step)
+    prefetch: str = "none"  # "speculate": each layer's refill chosen one layer early (retrieval/speculate.py)
 
 
 def unit_scores(slots: PagedSlots, queries: torch.Tensor, stick: float) -> torch.Tensor:
@@ -71,6 +72,7 @@ class DynamicRetrieval:
         self.settings = settings
         self.engine = RetrievalEngine(settings.offload, settings.offload_dir)
         self.skipped_pending: torch.Tensor | None = None  # PyTorch path's drift-gate skips not yet counted
+        self.speculator = None  # prefetch="speculate": the decoder-layer hooks (bind)
 
     @property
     def layers(self) -> dict[int, PagedSlots]:
@@ -144,23 +146,42 @@ class DynamicRetrieval:
             self.counters.layout_s += time.perf_counter() - start
 
     def before_attention(self, layer, queries: torch.Tensor) -> None:
-        """Refill ``layer``'s dynamic slots for this step's ``queries (B, Hq, q, D)``: one C call, or its
-        PyTorch reference (``choose`` + the engine's swap)."""
+        """Refill ``layer``'s dynamic slots for this step's ``queries (B, Hq, q, D)``, unless the
+        speculator refilled them one layer early in this forward (``prefetch="speculate"``)."""
+        if self.speculator is not None and self.speculator.take(layer.layer_idx):
+            return
+        self.refill(layer, queries)
+
+    def refill(self, layer, queries: torch.Tensor, prefetched: bool = False) -> None:
+        """The drift gate and the refill of ``layer``'s dynamic slots for ``queries (B, Hq, q, D)``: one C
+        call, or its PyTorch reference (``choose`` + the engine's swap). ``prefetched``: the queries were
+        speculated a layer early (``retrieval/speculate.py``), so the bytes count as prefetched."""
         slots = self.layers.get(layer.layer_idx)
         if slots is None or not slots.width:
             return
         self._prepare(layer, slots)
         start = time.perf_counter()
-        if not (slots.native and native_refill.run(self.engine, layer, slots, queries, self.settings.refill)):
-            b, hq, q, d = queries.shape
-            n_kv = layer.n_kv_heads
-            grouped = queries.reshape(b * n_kv, (hq // n_kv) * q, d)
-            if not slots.every_row:
-                grouped = grouped[slots.seq_ids]
-            chosen = choose(slots, grouped, self.settings.stick, self._drift_gate(slots, grouped))
-            self.engine.swap(layer, slots, chosen)
+        self.engine.prefetching = prefetched
+        try:
+            if not (slots.native and native_refill.run(self.engine, layer, slots, queries, self.settings.refill)):
+                b, hq, q, d = queries.shape
+                n_kv = layer.n_kv_heads
+                grouped = queries.reshape(b * n_kv, (hq // n_kv) * q, d)
+                if not slots.every_row:
+                    grouped = grouped[slots.seq_ids]
+                chosen = choose(slots, grouped, self.settings.stick, self._drift_gate(slots, grouped))
+                self.engine.swap(layer, slots, chosen)
+        finally:
+            self.engine.prefetching = False
         self.counters.refreshes += 1
         self.counters.select_s += time.perf_counter() - start
+
+    def bind(self, model, cache) -> None:
+        """``prefetch="speculate"``: hook ``model``'s decoder layers (a layer refills the next one)."""
+        if self.settings.prefetch == "speculate":
+            from heterocache.retrieval.speculate import Speculator
+
+            self.speculator = Speculator(model, cache, self)
 
     def _drift_gate(self, slots: PagedSlots, grouped: torch.Tensor) -> torch.Tensor | None:
         """``(n,)`` bool: sequences whose projected queries moved less than ``drift`` (relative
@@ -199,4 +220,7 @@ class DynamicRetrieval:
         return out
 
     def close(self) -> None:
+        if self.speculator is not None:
+            self.speculator.close()
+            self.speculator = None
         self.engine.close()

@@ -43,7 +43,7 @@ from heterocache.retrieval.tiers import TIERS, check_directory
 DRIFT_MODES = ("async", "sync", "off")
 # options of one mechanism only (the rest, e.g. sinks, window, offload, weighting, scorer, serve both)
 DYNAMIC_ONLY = ("dynamic_share", "index", "page", "rank", "summary_dtype", "stick", "page_score", "refill",
-                "refresh_drift")
+                "refresh_drift", "prefetch")
 PAPER_ONLY = ("steps", "topk", "drift_threshold", "max_full_share")
 SUMMARY_DTYPES = ("int8", "bfloat16", "float16", "float32")
 
@@ -68,6 +68,7 @@ PAGE_SIZES = (4, 8, 16, 32, 64)  # page="auto" candidates (index="pages")
 SKETCH_RANKS = (16, 8, 4)  # rank="auto" candidates
 REFILLS = ("auto", "native", "torch")
 PAGE_SCORES = ("lse", "max")
+PREFETCH = ("none", "speculate")
 
 
 @dataclass
@@ -119,6 +120,14 @@ class HeteroCache(Method):
         (7,500-token essay, keep 0.25): ~75% of refills skipped, fidelity unchanged (KL 0.0149 vs
         0.0146, top-1 0.943 vs 0.932 at keep 0.25; 0.0559 vs 0.0556 at 0.1), 9/9 question-after pass
         keys; 0.4 skips ~90% but the KL rises (docs/research/quality.md).
+    prefetch : str
+        Dynamic mode: when a layer's refill is chosen. ``"none"`` (default): with the layer's own query,
+        right before its attention (every byte on the critical path). ``"speculate"``: when the layer
+        before it starts, from that layer's input hidden state pushed through this layer's input norm, q
+        projection and RoPE (InfiniGen's speculation; ``retrieval/speculate.py``), so the bytes are issued a
+        whole layer before the attention that reads them (counted as prefetched; on a GPU the copy can
+        overlap the previous layer). The first retrieving layer and multi-token steps keep their own
+        query. Measured: docs/research/transfer.md.
     refill : str
         Dynamic mode, CPU: how a layer's dynamic slots are refilled in the block layout. ``"auto"``
         (default): the fused C routine of ``heterocache/native`` (compiled on first use) where it
@@ -179,6 +188,7 @@ class HeteroCache(Method):
     page_score: str = "lse"
     refill: str = "auto"
     refresh_drift: float = 0.3
+    prefetch: str = "none"
     scorer: Any = None
     expected_window: int = 64
     expected_future: int = 512
@@ -200,6 +210,7 @@ class HeteroCache(Method):
         self.inv_freq: torch.Tensor | None = None  # RoPE frequencies (bind_model)
         self.kv_bytes = 4  # bytes per key/value element (bind_model)
         self.head_dim = 64  # setup() reads the cache's
+        self.model = None  # bind_model: prefetch="speculate" hooks its decoder layers
 
     @property
     def dynamic(self) -> bool:
@@ -224,6 +235,7 @@ class HeteroCache(Method):
         check_range("refresh_drift", self.refresh_drift, 0)
         check_choice("page_score", self.page_score, PAGE_SCORES)
         check_choice("refill", self.refill, REFILLS)
+        check_choice("prefetch", self.prefetch, PREFETCH)
         if self.scorer is not None:
             check_choice("scorer", self.scorer, ("expected", "votes"))
         check_range("expected_window", self.expected_window, 1)
@@ -272,6 +284,11 @@ class HeteroCache(Method):
 
         self.inv_freq = rope_inv_freq(model)
         self.kv_bytes = next(model.parameters()).element_size()
+        if self.dynamic and self.prefetch == "speculate":
+            from heterocache.retrieval.speculate import check_model
+
+            check_model(model)
+            self.model = model
         if self.scorer == "expected" and self.inv_freq is None:
             raise ValueError("scorer='expected' needs a RoPE model (rotary_emb.inv_freq); use scorer='votes'")
         if self.dynamic and self.split == "uniform" and self.profile is None:
@@ -314,7 +331,11 @@ class HeteroCache(Method):
                                                             float(self.stick),
                                                             getattr(torch, self.summary_dtype), self.offload,
                                                             self.offload_dir, self.refill, self.page_score,
-                                                            float(self.refresh_drift)))
+                                                            float(self.refresh_drift), self.prefetch))
+            if self.prefetch == "speculate":
+                if self.model is None:
+                    raise ValueError("prefetch='speculate' needs the model: build the cache with hc.make_cache")
+                self.runtime.bind(self.model, cache)
         elif self.retrieval != "off":
             settings = Settings(self.steps, self.topk, self.drift_threshold, self.retrieval, self.offload,
                                 self.offload_dir, self.sinks, self.window, self.recent_fraction)

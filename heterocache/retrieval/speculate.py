@@ -1,0 +1,140 @@
+"""Speculative refill: each layer's pages chosen one layer early (InfiniGen's speculation, Lee et al., 2024).
+
+When decoder layer l starts a decode step, its input hidden state ``x`` is known; layer l+1's query is
+estimated as layer l+1 would compute it from ``x`` (its input norm, q projection, the optional
+per-head q norm, and the step's rotary embedding), and layer l+1's dynamic slots are refilled with
+the pages that speculated query points at, under the same drift gate. The bytes of that refill are
+*prefetched* (issued a whole layer before the attention that reads them: on a GPU a copy stream can
+move them while layer l computes) instead of critical; layer l+1's own attention then waits for
+nothing. The residual stream changes little from one layer to the next, which is why the estimate
+works (docs/research/transfer.md: two thirds of a step's incoming pages are named by it at the same
+width, and the quality cost was measured there).
+
+Layers that cannot be speculated keep the default refill with their own query (critical bytes): the
+first retrieving layer (nothing runs before it), a layer whose predecessor is of another attention
+type (sliding vs full: other rotary embeddings), multi-token steps (prefill chunks, a verification
+forward of assisted decoding) and a forward through another cache.
+
+The model must be a decoder whose layers have ``input_layernorm`` and ``self_attn.q_proj`` (Llama,
+Qwen2/3, Mistral, Gemma-3 style) and receive ``position_embeddings`` (every RoPE decoder of
+transformers 5); anything else is refused when the cache is made.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+
+
+def decoder_layers(model) -> Any:
+    """The model's ``nn.ModuleList`` of decoder layers (``model.model.layers`` and its variants)."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if layers is None and hasattr(base, "language_model"):
+        layers = getattr(base.language_model, "layers", None)
+    return layers
+
+
+def check_model(model) -> None:
+    """Raise ``ValueError`` when ``prefetch='speculate'`` cannot compute a layer's query from its input."""
+    layers = decoder_layers(model)
+    kind = type(model).__name__
+    if layers is None or not len(layers):
+        raise ValueError(f"prefetch='speculate' needs the model's decoder layers; {kind} has no .model.layers: "
+                         "use prefetch='none'")
+    for i, layer in enumerate(layers):
+        attention = getattr(layer, "self_attn", None)
+        if not (hasattr(layer, "input_layernorm") and attention is not None and hasattr(attention, "q_proj")
+                and hasattr(attention, "head_dim")):
+            raise ValueError(f"prefetch='speculate' computes a layer's query from its input_layernorm and "
+                             f"self_attn.q_proj; layer {i} of {kind} has no such modules: use prefetch='none'")
+
+
+def rotate(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in transformers' convention (halves rotated): ``q (B, H, T, D)``, ``cos, sin (B, T, D)``."""
+    cos, sin = cos[:, None], sin[:, None]
+    half = q.shape[-1] // 2
+    rotated = torch.cat((-q[..., half:], q[..., :half]), dim=-1)
+    return q * cos + rotated * sin
+
+
+def layer_query(layer, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
+    """``(B, Hq, T, D)``: the query decoder ``layer`` computes from ``hidden (B, T, hidden)`` at the step's
+    ``position_embeddings = (cos, sin)``: input norm, q projection, the optional q norm, RoPE."""
+    attention = layer.self_attn
+    d = attention.head_dim
+    b, t, _ = hidden.shape
+    q = attention.q_proj(layer.input_layernorm(hidden)).view(b, t, -1, d)
+    norm = getattr(attention, "q_norm", None)
+    if norm is not None:
+        q = norm(q)
+    cos, sin = position_embeddings
+    return rotate(q.transpose(1, 2), cos.to(q.dtype), sin.to(q.dtype))
+
+
+class Speculator:
+    """Forward pre-hooks on the decoder layers of ``model`` that refill layer l+1 of ``cache`` when layer
+    l starts a decode step (``runtime.refill(..., prefetched=True)``); ``runtime.before_attention`` then
+    skips the layers refilled this way (:meth:`take`)."""
+
+    def __init__(self, model, cache, runtime):
+        check_model(model)
+        self.layers = decoder_layers(model)
+        types = getattr(model.config, "layer_types", None) or getattr(
+            getattr(model.config, "text_config", None), "layer_types", None)
+        self.types = list(types) if types is not None else [None] * len(self.layers)
+        self.cache = weakref.ref(cache)
+        self.runtime = weakref.ref(runtime)
+        self.done: set[int] = set()  # layers refilled by speculation in this forward
+        self.speculated = 0  # layer refills issued a layer early (a counter for stats)
+        me = weakref.ref(self)
+        self.handles = [layer.register_forward_pre_hook(
+            lambda module, args, kwargs, i=i: _hook(me, i, args, kwargs), with_kwargs=True)
+            for i, layer in enumerate(self.layers)]
+
+    def take(self, layer_idx: int) -> bool:
+        """True (once) if ``layer_idx`` was refilled by speculation in this forward."""
+        if layer_idx in self.done:
+            self.done.discard(layer_idx)
+            return True
+        return False
+
+    def before_layer(self, i: int, args, kwargs) -> None:
+        if i == 0:
+            self.done.clear()  # a new forward: nothing speculated yet
+        cache, runtime = self.cache(), self.runtime()
+        if cache is None or runtime is None:
+            return
+        if kwargs.get("cache", kwargs.get("past_key_values")) is not cache:
+            return
+        target = i + 1
+        if target >= len(self.layers) or self.types[target] != self.types[i]:
+            return
+        slots = runtime.layers.get(target)
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        embeddings = kwargs.get("position_embeddings")
+        if isinstance(embeddings, dict):  # per attention type (hybrid models)
+            embeddings = embeddings.get(self.types[target])
+        if not isinstance(embeddings, (tuple, list)) or len(embeddings) != 2:
+            return
+        if slots is None or not slots.width or hidden is None or hidden.shape[1] != 1 or embeddings is None:
+            return
+        with torch.no_grad():
+            queries = layer_query(self.layers[target], hidden, embeddings)
+        runtime.refill(cache.layers[target], queries, prefetched=True)
+        self.done.add(target)
+        self.speculated += 1
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        self.done.clear()
+
+
+def _hook(ref, i: int, args, kwargs) -> None:
+    speculator = ref()
+    if speculator is not None:
+        speculator.before_layer(i, args, kwargs)
