@@ -173,3 +173,37 @@ def test_a_model_without_the_modules_is_refused():
     with pytest.raises(ValueError, match="input_layernorm"):
         hc.make_cache(model, "heterocache", KEEP, prefetch="speculate")
 
+
+
+def test_hybrid_full_layers_after_sliding_ones_are_speculated():
+    """Gemma-3 style (sliding, full, sliding, full): the full layers follow sliding ones, so their query
+    takes the full layers' own rotary embedding; decode runs and their bytes are prefetched."""
+    from conftest import hybrid_model
+
+    model = hybrid_model("gemma3")
+    ids = torch.randint(3, 128, (1, 200), generator=torch.Generator().manual_seed(4))
+    cache = hc.make_cache(model, "heterocache", KEEP, prefetch="speculate", **OPTIONS)
+    _greedy(model, ids, cache, steps=5)
+    stats = cache.stats()
+    assert cache.method.runtime.speculator.speculated > 0
+    assert stats["retrieval_prefetched_bytes"] > 0
+
+
+def test_hybrid_speculation_is_exact_when_layers_add_nothing():
+    """The cross-type rotary is the right one: with layers leaving the residual stream unchanged the
+    speculated queries are the true ones, so the tokens equal the default's."""
+    from conftest import hybrid_model
+
+    model = hybrid_model("gemma3")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    ids = torch.randint(3, 128, (1, 200), generator=torch.Generator().manual_seed(4))
+    base = hc.make_cache(model, "heterocache", KEEP, **OPTIONS)
+    spec = hc.make_cache(model, "heterocache", KEEP, prefetch="speculate", **OPTIONS)
+    tokens, logits = _greedy(model, ids, base)
+    tokens_s, logits_s = _greedy(model, ids, spec)
+    assert torch.equal(tokens, tokens_s) and torch.allclose(logits, logits_s, atol=1e-5)
+    a, b = base.stats(), spec.stats()
+    assert a["retrieval_bytes"] == b["retrieval_bytes"] and b["retrieval_critical_bytes"] == 0

@@ -11,9 +11,11 @@ works (docs/research/transfer.md: two thirds of a step's incoming pages are name
 width, and the quality cost was measured there).
 
 Layers that cannot be speculated keep the default refill with their own query (critical bytes): the
-first retrieving layer (nothing runs before it), a layer whose predecessor is of another attention
-type (sliding vs full: other rotary embeddings), multi-token steps (prefill chunks, a verification
-forward of assisted decoding) and a forward through another cache.
+first retrieving layer (nothing runs before it), multi-token steps (prefill chunks, a verification
+forward of assisted decoding) and a forward through another cache. A layer whose predecessor is of
+another attention type (Gemma-3: a full layer after sliding ones) gets its own type's rotary
+embedding from the decoder's ``rotary_emb(x, position_ids, layer_type)``; without one it is not
+speculated.
 
 The model must be a decoder whose layers have ``input_layernorm`` and ``self_attn.q_proj`` (Llama,
 Qwen2/3, Mistral, Gemma-3 style) and receive ``position_embeddings`` (every RoPE decoder of
@@ -85,6 +87,8 @@ class Speculator:
         types = getattr(model.config, "layer_types", None) or getattr(
             getattr(model.config, "text_config", None), "layer_types", None)
         self.types = list(types) if types is not None else [None] * len(self.layers)
+        base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
+        self.rotary = getattr(base, "rotary_emb", None)
         self.cache = weakref.ref(cache)
         self.runtime = weakref.ref(runtime)
         self.done: set[int] = set()  # layers refilled by speculation in this forward
@@ -110,22 +114,37 @@ class Speculator:
         if kwargs.get("cache", kwargs.get("past_key_values")) is not cache:
             return
         target = i + 1
-        if target >= len(self.layers) or self.types[target] != self.types[i]:
+        if target >= len(self.layers):
             return
         slots = runtime.layers.get(target)
         hidden = args[0] if args else kwargs.get("hidden_states")
-        embeddings = kwargs.get("position_embeddings")
-        if isinstance(embeddings, dict):  # per attention type (hybrid models)
-            embeddings = embeddings.get(self.types[target])
-        if not isinstance(embeddings, (tuple, list)) or len(embeddings) != 2:
+        if slots is None or not slots.width or hidden is None or hidden.shape[1] != 1:
             return
-        if slots is None or not slots.width or hidden is None or hidden.shape[1] != 1 or embeddings is None:
+        embeddings = self._embeddings(i, target, hidden, kwargs)
+        if embeddings is None:
             return
         with torch.no_grad():
             queries = layer_query(self.layers[target], hidden, embeddings)
         runtime.refill(cache.layers[target], queries, prefetched=True)
         self.done.add(target)
         self.speculated += 1
+
+    def _embeddings(self, i: int, target: int, hidden: torch.Tensor, kwargs) -> tuple | None:
+        """The rotary ``(cos, sin)`` of layer ``target`` for this step: layer ``i``'s own when both are of
+        one attention type, else the decoder's ``rotary_emb(x, position_ids, layer_type)`` (Gemma-3's
+        per-type rotary), else None (not speculated)."""
+        embeddings = kwargs.get("position_embeddings")
+        if self.types[target] != self.types[i]:
+            position_ids = kwargs.get("position_ids")
+            if self.rotary is None or position_ids is None:
+                return None
+            try:
+                embeddings = self.rotary(hidden, position_ids, self.types[target])
+            except TypeError:  # a rotary module without per-type embeddings
+                return None
+        if not isinstance(embeddings, (tuple, list)) or len(embeddings) != 2:
+            return None
+        return embeddings
 
     def close(self) -> None:
         for handle in self.handles:
