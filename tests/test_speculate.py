@@ -207,3 +207,26 @@ def test_hybrid_speculation_is_exact_when_layers_add_nothing():
     assert torch.equal(tokens, tokens_s) and torch.allclose(logits, logits_s, atol=1e-5)
     a, b = base.stats(), spec.stats()
     assert a["retrieval_bytes"] == b["retrieval_bytes"] and b["retrieval_critical_bytes"] == 0
+
+
+def test_verify_refills_only_where_the_true_query_disagrees():
+    """prefetch='verify': after the speculative refill the true query runs the drift gate again. With
+    exact speculation it fetches nothing more (critical bytes = the first layer's, as 'speculate');
+    on a random model it moves some bytes back to the critical path."""
+    model = tiny_model("llama", layers=4)
+    _identity_layers(model)
+    ids = _prompt()
+    runs = {}
+    for prefetch in ("speculate", "verify"):
+        cache = hc.make_cache(model, "heterocache", KEEP, prefetch=prefetch, **OPTIONS)
+        runs[prefetch] = _greedy(model, ids, cache)[0], cache.stats()
+    assert torch.equal(runs["speculate"][0], runs["verify"][0])
+    assert runs["verify"][1]["retrieval_critical_bytes"] == runs["speculate"][1]["retrieval_critical_bytes"]
+    random_model = tiny_model("llama", layers=4, seed=5)
+    stats = {}
+    for prefetch in ("speculate", "verify"):
+        cache = hc.make_cache(random_model, "heterocache", KEEP, prefetch=prefetch, **OPTIONS)
+        _greedy(random_model, ids, cache)
+        stats[prefetch] = cache.stats()
+    assert stats["verify"]["retrieval_critical_bytes"] > stats["speculate"]["retrieval_critical_bytes"]
+    assert stats["verify"]["retrieval_prefetched_bytes"] > 0

@@ -44,7 +44,8 @@ class DynamicSettings:
     refill: str = "auto"  # block-layout refill on the CPU: "auto" / "native" (heterocache.native) / "torch"
     page_score: str = "lse"  # sketch: a page scores as the log-sum-exp ("lse") or the max of its tokens
     drift: float = 0.0  # refill a sequence only when its projected queries moved more than this (0: every step)
-    prefetch: str = "none"  # "speculate": each layer's refill chosen one layer early (retrieval/speculate.py)
+    prefetch: str = "none"  # "speculate": each layer's refill chosen one layer early (retrieval/speculate.py);
+    # "verify": then the true query's drift gate against the speculated anchors may refill again (critical)
 
 
 def unit_scores(slots: PagedSlots, queries: torch.Tensor, stick: float) -> torch.Tensor:
@@ -149,7 +150,10 @@ class DynamicRetrieval:
         """Refill ``layer``'s dynamic slots for this step's ``queries (B, Hq, q, D)``, unless the
         speculator refilled them one layer early in this forward (``prefetch="speculate"``)."""
         if self.speculator is not None and self.speculator.take(layer.layer_idx):
-            return
+            if self.settings.prefetch != "verify":
+                return
+            # verify: the true query's drift gate against the speculated anchors; where they differ
+            # by more than ``drift`` the step refills with its own query (critical bytes)
         self.refill(layer, queries)
 
     def refill(self, layer, queries: torch.Tensor, prefetched: bool = False) -> None:
@@ -178,7 +182,7 @@ class DynamicRetrieval:
 
     def bind(self, model, cache) -> None:
         """``prefetch="speculate"``: hook ``model``'s decoder layers (a layer refills the next one)."""
-        if self.settings.prefetch == "speculate":
+        if self.settings.prefetch in ("speculate", "verify"):
             from heterocache.retrieval.speculate import Speculator
 
             self.speculator = Speculator(model, cache, self)

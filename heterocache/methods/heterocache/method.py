@@ -68,7 +68,7 @@ PAGE_SIZES = (4, 8, 16, 32, 64)  # page="auto" candidates (index="pages")
 SKETCH_RANKS = (16, 8, 4)  # rank="auto" candidates
 REFILLS = ("auto", "native", "torch")
 PAGE_SCORES = ("lse", "max")
-PREFETCH = ("none", "speculate")
+PREFETCH = ("none", "speculate", "verify")
 
 
 @dataclass
@@ -127,7 +127,10 @@ class HeteroCache(Method):
         projection and RoPE (InfiniGen's speculation; ``retrieval/speculate.py``), so the bytes are issued a
         whole layer before the attention that reads them (counted as prefetched; on a GPU the copy can
         overlap the previous layer). The first retrieving layer and multi-token steps keep their own
-        query. Measured: docs/research/transfer.md.
+        query. ``"verify"``: speculate, then the layer's true query runs the drift gate against the
+        speculated projections and refills again where they differ by more than ``refresh_drift``
+        (those bytes critical). Measured (README, docs/research/transfer.md): speculation moves ~28x
+        fewer bytes on the critical path at a higher KL.
     refill : str
         Dynamic mode, CPU: how a layer's dynamic slots are refilled in the block layout. ``"auto"``
         (default): the fused C routine of ``heterocache/native`` (compiled on first use) where it
@@ -284,7 +287,7 @@ class HeteroCache(Method):
 
         self.inv_freq = rope_inv_freq(model)
         self.kv_bytes = next(model.parameters()).element_size()
-        if self.dynamic and self.prefetch == "speculate":
+        if self.dynamic and self.prefetch != "none":
             from heterocache.retrieval.speculate import check_model
 
             check_model(model)
@@ -332,7 +335,7 @@ class HeteroCache(Method):
                                                             getattr(torch, self.summary_dtype), self.offload,
                                                             self.offload_dir, self.refill, self.page_score,
                                                             float(self.refresh_drift), self.prefetch))
-            if self.prefetch == "speculate":
+            if self.prefetch != "none":
                 if self.model is None:
                     raise ValueError("prefetch='speculate' needs the model: build the cache with hc.make_cache")
                 self.runtime.bind(self.model, cache)
