@@ -143,17 +143,12 @@ def _prev_layer(step: list[dict], entry: dict, k: int) -> torch.Tensor | None:
 
 def _next_query(model, decoder_layer, hidden: torch.Tensor, position: int, slots) -> torch.Tensor:
     """Page scores ``(n, P)`` of ``decoder_layer``'s index for the query it would compute from ``hidden
-    (1, 1, hidden)`` (the previous layer's input) at ``position``."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    (1, 1, hidden)`` (the previous layer's input) at ``position`` (the runtime's ``layer_query``)."""
+    from heterocache.retrieval.speculate import layer_query
 
-    attention = decoder_layer.self_attn
-    normed = decoder_layer.input_layernorm(hidden[:, -1:])
-    d = attention.head_dim
-    q = attention.q_proj(normed).view(1, 1, -1, d).transpose(1, 2)  # (1, Hq, 1, D)
-    cos, sin = model.model.rotary_emb(normed, torch.tensor([[position]]))
-    q, _ = apply_rotary_pos_emb(q, q, cos, sin)
-    n = len(slots.seq)
-    grouped = q.reshape(n, -1, d)
+    last = hidden[:, -1:]
+    q = layer_query(decoder_layer, last, model.model.rotary_emb(last, torch.tensor([[position]])))
+    grouped = q.reshape(len(slots.seq), -1, q.shape[-1])
     return slots.index.page_scores(grouped, slots.base)
 
 

@@ -35,20 +35,15 @@ from heterocache.eval.fidelity import PEERS_SEPARATOR, window_offsets
 from heterocache.eval.tasks.essays import essay_text
 from heterocache.methods.heterocache.dynamic import choose, unit_scores
 from heterocache.retrieval.slots import choose_units
+from heterocache.retrieval.speculate import layer_query
 
 
 def speculated_query(model, decoder_layer, hidden: torch.Tensor, position: int, n: int) -> torch.Tensor:
     """``(n, R, D)``: ``decoder_layer``'s grouped decode query computed from ``hidden (1, 1, hidden)``
-    (the previous layer's input) at ``position`` (its input norm, q projection and RoPE)."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    attention = decoder_layer.self_attn
-    normed = decoder_layer.input_layernorm(hidden[:, -1:])
-    d = attention.head_dim
-    q = attention.q_proj(normed).view(1, 1, -1, d).transpose(1, 2)  # (1, Hq, 1, D)
-    cos, sin = model.model.rotary_emb(normed, torch.tensor([[position]]))
-    q, _ = apply_rotary_pos_emb(q, q, cos, sin)
-    return q.reshape(n, -1, d)
+    (the previous layer's input) at ``position``: the runtime's own ``layer_query``."""
+    last = hidden[:, -1:]
+    q = layer_query(decoder_layer, last, model.model.rotary_emb(last, torch.tensor([[position]])))
+    return q.reshape(n, -1, q.shape[-1])
 
 
 class Speculation:
