@@ -12,7 +12,9 @@ OUT=${OUT:-/tmp/gpu_check}
 GPU=${GPU:-h200}
 $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: this check needs a GPU')"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-$PY -m pytest -q tests/test_triton_kernel.py tests/test_triton_dispatch.py tests/test_full_equivalence.py -p no:cacheprovider
+$PY -m pytest -q tests/test_triton_kernel.py tests/test_triton_dispatch.py tests/test_full_equivalence.py \
+    tests/test_syncfree.py tests/test_syncfree_kernel.py -p no:cacheprovider
 $PY -m heterocache bench --model-config llama-3.1-8b --layers 8 --device cuda --dtype bfloat16 --context 32k \
-    --methods full,snapkv,heterocache --keep 0.25,0.1 --steps 10 --warmup 3 --interleave --project "$GPU" --out "$OUT"
+    --methods full,snapkv,heterocache,heterocache@spec --option heterocache@spec.prefetch=speculate --keep 0.25,0.1 \
+    --steps 10 --warmup 3 --interleave --project "$GPU" --out "$OUT"
 cat "$OUT/table.md"

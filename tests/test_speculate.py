@@ -230,3 +230,62 @@ def test_verify_refills_only_where_the_true_query_disagrees():
         stats[prefetch] = cache.stats()
     assert stats["verify"]["retrieval_critical_bytes"] > stats["speculate"]["retrieval_critical_bytes"]
     assert stats["verify"]["retrieval_prefetched_bytes"] > 0
+
+
+def _zero_mlps(model) -> None:
+    """Every MLP block adds nothing: a layer's next-layer input is its post-attention residual."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.zero_()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_late_speculation_is_exact_when_only_the_mlps_add_nothing(family):
+    """prefetch='speculate_late' speculates from layer l's post-attention residual (before its MLP): with
+    the MLPs zeroed that is layer l+1's input, so tokens and logits equal the default's and every fetch
+    but the first layer's is prefetched; for Gemma-3 the attention output's own norm is applied."""
+    if family == "gemma3":
+        from conftest import hybrid_model
+
+        model = hybrid_model("gemma3")
+        ids = torch.randint(3, 128, (1, 200), generator=torch.Generator().manual_seed(4))
+    else:
+        model = tiny_model("llama", layers=4)
+        ids = _prompt()
+    _zero_mlps(model)
+    base = hc.make_cache(model, "heterocache", KEEP, **OPTIONS)
+    late = hc.make_cache(model, "heterocache", KEEP, prefetch="speculate_late", **OPTIONS)
+    tokens, logits = _greedy(model, ids, base)
+    tokens_l, logits_l = _greedy(model, ids, late)
+    assert torch.equal(tokens, tokens_l) and torch.allclose(logits, logits_l, atol=1e-5)
+    a, b = base.stats(), late.stats()
+    assert a["retrieval_bytes"] == b["retrieval_bytes"] > 0
+    assert b["retrieval_prefetched_bytes"] > 0
+    assert b["retrieval_critical_bytes"] < b["retrieval_prefetched_bytes"]
+    assert late.method.runtime.speculator.speculated > 0
+
+
+def test_late_speculation_differs_from_input_speculation_on_a_random_model():
+    """On a model whose layers all add to the residual stream the two estimates are different queries:
+    both runs decode, every later layer is speculated, and the stats split adds up."""
+    model = tiny_model("llama", layers=4, seed=5)
+    ids = _prompt()
+    seen = {}
+    for prefetch in ("speculate", "speculate_late"):
+        cache = hc.make_cache(model, "heterocache", KEEP, prefetch=prefetch, **OPTIONS)
+        queries = []
+        runtime = cache.method.runtime
+        original = runtime.refill
+
+        def spy(layer, q, prefetched=False, original=original, queries=queries):
+            if prefetched and layer.layer_idx == 2:
+                queries.append(q.clone())
+            original(layer, q, prefetched)
+
+        runtime.refill = spy
+        _greedy(model, ids, cache, steps=4)
+        stats = cache.stats()
+        assert stats["retrieval_critical_bytes"] + stats["retrieval_prefetched_bytes"] == stats["retrieval_bytes"]
+        assert runtime.speculator.speculated == 3 * 3
+        seen[prefetch] = queries[0]
+    assert not torch.allclose(seen["speculate"], seen["speculate_late"])

@@ -55,6 +55,11 @@ class RetrievalEngine:
         self.counters = Counters()
         self.allow_blocks = True  # False: always the token-by-token swap (tests compare the two)
         self.prefetching = False  # set while a policy refills a layer ahead: its bytes count as prefetched
+        # block refills without a host sync (retrieval/syncfree.py): None = on CUDA devices; True / False force it
+        self.sync_free: bool | None = None
+        self.pending: torch.Tensor | None = None  # (3,) tokens, critical, prefetched bytes counted on the device
+        self.copy_stream = None  # CUDA: the stream prefetches are copied on (created at the first one)
+        self.fetched: dict[int, Any] = {}  # layer -> the CUDA event its prefetch completes
 
     # --- prefill -------------------------------------------------------------------------------
     def page(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, selectable: torch.Tensor,
@@ -177,7 +182,10 @@ class RetrievalEngine:
         """Make the pages ``chosen (n, width)`` resident (block layout, else token by token)."""
         if slots.blocks:
             slots.native = None  # the torch path replaces ``resident``: the C call's pointers are stale
-            self.swap_blocks(layer, slots, chosen)
+            if self.sync_free_path(layer, slots) is not None:
+                self.swap_blocks_sync_free(layer, slots, chosen)
+            else:
+                self.swap_blocks(layer, slots, chosen)
         else:
             self.swap_tokens(layer, slots, chosen)
 
@@ -239,6 +247,85 @@ class RetrievalEngine:
             self.count_fetch(self.fetched_bytes(slots, keys, values))
             self.counters.tokens += positions.numel()
         slots.resident = wanted
+
+    def sync_free_path(self, layer, slots: PagedSlots) -> str | None:
+        """``"triton"`` / ``"torch"``: how :meth:`swap_blocks_sync_free` copies for this layer, or None (the
+        ``nonzero`` pairing of :meth:`swap_blocks`). Used on CUDA (``sync_free=None``) or when forced; needs
+        a memory tier of the cache's dtype and keys stored in it (not ShadowKV's rebuilt ones). On CUDA
+        the copy is the Triton kernel (the tier is pinned host memory); the PyTorch reference serves a
+        tier in the cache's own memory (the CPU, ``offload="none"``)."""
+        wanted = self.sync_free if self.sync_free is not None else layer.device.type == "cuda"
+        tier = self.tier
+        if not wanted or not hasattr(tier, "blocks") or hasattr(slots.index, "rebuild_keys"):
+            return None
+        keys, values = tier.layers[layer.layer_idx]
+        bucket = layer.buckets[0]
+        if values.dtype != bucket.values.dtype or keys.shape[-1] != values.shape[-1]:
+            return None
+        from heterocache.attention.triton import triton_available
+
+        if triton_available(layer.device) and (layer.device.type == "cuda") == tier.pin:
+            return "triton"
+        return "torch" if tier.shares_memory_with(layer.device) else None
+
+    def swap_blocks_sync_free(self, layer, slots: PagedSlots, chosen: torch.Tensor) -> None:
+        """:meth:`swap_blocks` with fixed-shape pairing and one masked copy (``retrieval/syncfree.py``): no
+        host synchronisation; the bytes are counted on the device (:meth:`fold`)."""
+        from heterocache.retrieval import syncfree
+
+        wanted, src, dst, valid = syncfree.pair_blocks(slots.resident, slots.current, chosen)
+        unit, d = slots.unit, layer.head_dim
+        bucket = layer.buckets[0]
+        tier_keys, tier_values = self.tier.blocks(layer.layer_idx, unit)
+        args = (tier_keys, tier_values, slots.page_positions.view(-1, unit), bucket.keys.view(-1, unit * d),
+                bucket.values.view(-1, unit * d), bucket.positions.view(-1, unit), src, dst, valid)
+        if self.sync_free_path(layer, slots) == "triton":
+            if self.prefetching and layer.device.type == "cuda":  # a layer ahead: on the copy stream
+                self._on_copy_stream(layer.layer_idx, lambda: syncfree.fetch_blocks(*args), (src, dst, valid))
+            else:
+                syncfree.fetch_blocks(*args)
+        else:
+            syncfree.fetch_blocks_reference(*args)
+        slots.current.scatter_(1, dst, torch.where(valid, src, slots.current.gather(1, dst)))
+        slots.resident = wanted
+        moved = valid.sum()
+        page_bytes = unit * d * (tier_keys.element_size() + tier_values.element_size())
+        column = 2 if self.prefetching else 1
+        if self.pending is None:
+            self.pending = torch.zeros(3, dtype=torch.long, device=moved.device)
+        self.pending[0] += moved * unit
+        self.pending[column] += moved * page_bytes
+
+    def _on_copy_stream(self, layer_idx: int, launch, temporaries) -> None:
+        """Run ``launch`` on the engine's CUDA copy stream after what the current stream has queued (the
+        pairing), so the fetch overlaps the compute until :meth:`wait` for ``layer_idx``."""
+        main = torch.cuda.current_stream()
+        if self.copy_stream is None:
+            self.copy_stream = torch.cuda.Stream(device=main.device)
+        self.copy_stream.wait_stream(main)
+        with torch.cuda.stream(self.copy_stream):
+            launch()
+        for tensor in temporaries:  # freed by the main stream only after the copy stream used them
+            tensor.record_stream(self.copy_stream)
+        done = torch.cuda.Event()
+        done.record(self.copy_stream)
+        self.fetched[layer_idx] = done
+
+    def wait(self, layer_idx: int) -> None:
+        """Before ``layer_idx``'s attention: the current stream waits for its prefetch (no host sync)."""
+        done = self.fetched.pop(layer_idx, None) if self.fetched else None
+        if done is not None:
+            torch.cuda.current_stream().wait_event(done)
+
+    def fold(self) -> None:
+        """Add the device-side counts of :meth:`swap_blocks_sync_free` to the counters (one sync)."""
+        if self.pending is not None:
+            tokens, critical, prefetched = (int(v) for v in self.pending.tolist())
+            self.counters.tokens += tokens
+            self.counters.critical_bytes += critical
+            self.counters.prefetched_bytes += prefetched
+            self.counters.bytes += critical + prefetched
+            self.pending = None
 
     def swap_tokens(self, layer, slots: PagedSlots, chosen: torch.Tensor) -> None:
         """Incremental refill: fetch only the chosen pages that are not resident, each into the slots of
@@ -331,6 +418,7 @@ class RetrievalEngine:
     def stats(self, device_bytes: int = 0) -> dict[str, Any]:
         """The counters as ``retrieval_*``, the method's own ``device_bytes`` and the tier's bytes under
         its name (``host_bytes``, ``disk_bytes``; a device tier, ``offload="none"``, adds to ``device_bytes``)."""
+        self.fold()
         out: dict[str, Any] = self.counters.as_stats()
         out["device_bytes"] = device_bytes
         if self.tier is not None:

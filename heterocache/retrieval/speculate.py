@@ -81,8 +81,9 @@ class Speculator:
     l starts a decode step (``runtime.refill(..., prefetched=True)``); ``runtime.before_attention`` then
     skips the layers refilled this way (:meth:`take`)."""
 
-    def __init__(self, model, cache, runtime):
+    def __init__(self, model, cache, runtime, late: bool = False):
         check_model(model)
+        self.late = late  # speculate from layer l's post-attention residual, before its MLP
         self.layers = decoder_layers(model)
         types = getattr(model.config, "layer_types", None) or getattr(
             getattr(model.config, "text_config", None), "layer_types", None)
@@ -97,6 +98,11 @@ class Speculator:
         self.handles = [layer.register_forward_pre_hook(
             lambda module, args, kwargs, i=i: _hook(me, i, args, kwargs), with_kwargs=True)
             for i, layer in enumerate(self.layers)]
+        self.inputs: dict[int, tuple] = {}  # late: layer i's (input hidden, kwargs) until its attention ran
+        if late:
+            self.handles += [layer.self_attn.register_forward_hook(
+                lambda module, args, kwargs, output, i=i: _late_hook(me, i, output), with_kwargs=True)
+                for i, layer in enumerate(self.layers)]
 
     def take(self, layer_idx: int) -> bool:
         """True (once) if ``layer_idx`` was refilled by speculation in this forward."""
@@ -119,6 +125,29 @@ class Speculator:
         slots = runtime.layers.get(target)
         hidden = args[0] if args else kwargs.get("hidden_states")
         if slots is None or not slots.width or hidden is None or hidden.shape[1] != 1:
+            return
+        if self.late:  # wait for this layer's attention output (after_attention)
+            self.inputs[i] = (hidden, kwargs)
+            return
+        self._speculate(i, target, hidden, kwargs)
+
+    def after_attention(self, i: int, output) -> None:
+        """``late``: layer ``i``'s attention returned ``output``; its post-attention residual (what its MLP
+        block adds to) is the estimate of layer i+1's input."""
+        pending = self.inputs.pop(i, None)
+        if pending is None:
+            return
+        hidden, kwargs = pending
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        layer = self.layers[i]
+        with torch.no_grad():
+            if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma-2/3: the attention output is normed first
+                out = layer.post_attention_layernorm(out)
+            self._speculate(i, i + 1, hidden + out, kwargs)
+
+    def _speculate(self, i: int, target: int, hidden: torch.Tensor, kwargs) -> None:
+        cache, runtime = self.cache(), self.runtime()
+        if cache is None or runtime is None:
             return
         embeddings = self._embeddings(i, target, hidden, kwargs)
         if embeddings is None:
@@ -151,9 +180,16 @@ class Speculator:
             handle.remove()
         self.handles = []
         self.done.clear()
+        self.inputs.clear()
 
 
 def _hook(ref, i: int, args, kwargs) -> None:
     speculator = ref()
     if speculator is not None:
         speculator.before_layer(i, args, kwargs)
+
+
+def _late_hook(ref, i: int, output) -> None:
+    speculator = ref()
+    if speculator is not None:
+        speculator.after_attention(i, output)

@@ -73,7 +73,16 @@ class MemoryTier(Tier):
         """``keys/values (n, T, D)``; copied (the caller's tensors are freed after prefill). ``keys=None``:
         values only (a policy that rebuilds keys on the device; the keys are stored as ``(n, T, 0)``)."""
         keys = values.new_empty((*values.shape[:2], 0)) if keys is None else keys
-        self.layers[layer] = (keys.detach().to(self.device, copy=True), values.detach().to(self.device, copy=True))
+        self.layers[layer] = (self._copy(keys), self._copy(values))
+
+    def _copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A copy on this tier; pinned when ``pin`` (a GPU kernel then reads it over the link directly)."""
+        tensor = tensor.detach()
+        if not (self.pin and self.device.type == "cpu"):
+            return tensor.to(self.device, copy=True)
+        out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        out.copy_(tensor)
+        return out
 
     def select_rows(self, layer: int, rows: torch.Tensor) -> None:
         """Keep stored rows ``rows (n',)`` of ``layer`` in that order (beam search's reorder)."""
@@ -81,7 +90,7 @@ class MemoryTier(Tier):
         rows = rows.to(keys.device)
         if rows.numel() == keys.shape[0] and torch.equal(rows, torch.arange(keys.shape[0], device=keys.device)):
             return
-        self.layers[layer] = (keys.index_select(0, rows), values.index_select(0, rows))
+        self.layers[layer] = (self._copy(keys.index_select(0, rows)), self._copy(values.index_select(0, rows)))
 
     def shares_memory_with(self, device: torch.device) -> bool:
         """The stored copies live where the cache does (host tier of a CPU model, ``offload="none"``):

@@ -149,6 +149,7 @@ class DynamicRetrieval:
     def before_attention(self, layer, queries: torch.Tensor) -> None:
         """Refill ``layer``'s dynamic slots for this step's ``queries (B, Hq, q, D)``, unless the
         speculator refilled them one layer early in this forward (``prefetch="speculate"``)."""
+        self.engine.wait(layer.layer_idx)  # a prefetch on the CUDA copy stream lands before this attention
         if self.speculator is not None and self.speculator.take(layer.layer_idx):
             if self.settings.prefetch != "verify":
                 return
@@ -182,10 +183,10 @@ class DynamicRetrieval:
 
     def bind(self, model, cache) -> None:
         """``prefetch="speculate"``: hook ``model``'s decoder layers (a layer refills the next one)."""
-        if self.settings.prefetch in ("speculate", "verify"):
+        if self.settings.prefetch in ("speculate", "verify", "speculate_late"):
             from heterocache.retrieval.speculate import Speculator
 
-            self.speculator = Speculator(model, cache, self)
+            self.speculator = Speculator(model, cache, self, late=self.settings.prefetch == "speculate_late")
 
     def _drift_gate(self, slots: PagedSlots, grouped: torch.Tensor) -> torch.Tensor | None:
         """``(n,)`` bool: sequences whose projected queries moved less than ``drift`` (relative

@@ -68,7 +68,7 @@ PAGE_SIZES = (4, 8, 16, 32, 64)  # page="auto" candidates (index="pages")
 SKETCH_RANKS = (16, 8, 4)  # rank="auto" candidates
 REFILLS = ("auto", "native", "torch")
 PAGE_SCORES = ("lse", "max")
-PREFETCH = ("none", "speculate", "verify")
+PREFETCH = ("none", "speculate", "verify", "speculate_late")
 
 
 @dataclass
@@ -129,7 +129,9 @@ class HeteroCache(Method):
         overlap the previous layer). The first retrieving layer and multi-token steps keep their own
         query. ``"verify"``: speculate, then the layer's true query runs the drift gate against the
         speculated projections and refills again where they differ by more than ``refresh_drift``
-        (those bytes critical). Measured (README, docs/research/transfer.md): speculation moves ~28x
+        (those bytes critical). ``"speculate_late"``: speculate from the previous layer's post-attention
+        residual (its input plus its attention output), issued before that layer's MLP: a closer estimate,
+        overlapped with the MLP only. Measured (README, docs/research/transfer.md): speculation moves ~28x
         fewer bytes on the critical path at a higher KL.
     refill : str
         Dynamic mode, CPU: how a layer's dynamic slots are refilled in the block layout. ``"auto"``
