@@ -113,3 +113,30 @@ def test_memory_and_transfer_beside_every_score(tmp_path):
     for name in ("kl_vs_device_mb.png", "kl_vs_bytes_moved.png", "score_vs_device_mb_ruler.png",
                  "score_vs_bytes_moved_ruler.png"):
         assert (tmp_path / name).stat().st_size > 1000 and f"![{name}]({name})" in text
+
+
+def test_niah_grid_is_relative_to_fullkv(tmp_path):
+    """The combined NIAH figure: each cell = mean score / FullKV's mean on the same (length, depth), capped
+    at 1; NaN where FullKV scored 0; written as niah_grid.png when more than one method ran."""
+    from heterocache.eval.report import niah_grid_values
+
+    lines = []
+    for n, d, full, snap, snap_low in [(1000, 0.0, 0.5, 0.25, 0.0), (1000, 1.0, 0.8, 1.0, 0.4),
+                                       (2000, 0.0, 0.0, 0.5, 0.0), (2000, 1.0, 1.0, 0.5, 0.5)]:
+        sample = f"len{n}-depth{d:g}"
+        lines += [{**_line("niah", sample, "full", 1.0, full, 1.0, length=n, depth=d), "suite": "niah"},
+                  {**_line("niah", sample, "snapkv", 0.5, snap, 0.5, length=n, depth=d), "suite": "niah"},
+                  {**_line("niah", sample, "snapkv", 0.25, snap_low, 0.25, length=n, depth=d), "suite": "niah"}]
+    _write(tmp_path / "results.jsonl", lines)
+    text = build_report(tmp_path)
+    assert "![niah_grid.png](niah_grid.png)" in text and (tmp_path / "niah_grid.png").stat().st_size > 1000
+    from collections import defaultdict
+
+    cells = defaultdict(lambda: defaultdict(list))
+    for line in lines:
+        cells[(line["method"], line["keep"])][(line["extra"]["length"], line["extra"]["depth"])].append(line["score"])
+    methods, keeps, lengths, depths, values = niah_grid_values(cells)
+    assert methods == ["snapkv"] and keeps == [0.5, 0.25] and lengths == [1000, 2000] and depths == [0.0, 1.0]
+    high = values[("snapkv", 0.5)]  # rows: depths, columns: lengths
+    assert high[0][0] == 0.5 and math.isnan(high[0][1]) and high[1][0] == 1.0 and high[1][1] == 0.5
+    assert values[("snapkv", 0.25)][1] == [0.5, 0.5]

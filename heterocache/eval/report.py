@@ -286,7 +286,68 @@ def _niah_heatmaps(run_dir: Path, plt) -> list[str]:
         fig.savefig(run_dir / name, dpi=100)
         plt.close(fig)
         written.append(name)
+    if len(cells) > 1:
+        written += _niah_grid(run_dir, plt, cells)
     return written
+
+
+def niah_grid_values(cells: dict) -> tuple[list[str], list[float], list, list, dict]:
+    """``cells[(method, keep)][(length, depth)] = [scores]`` -> ``(methods, keeps, lengths, depths, values)``
+    with ``values[(method, keep)][depth_index][length_index]`` the mean score relative to FullKV's mean
+    on the same (length, depth), capped at 1 (raw when FullKV did not run; NaN where nothing ran or
+    FullKV scored 0)."""
+    full = next((grid for (method, _), grid in cells.items() if method == "full"), None)
+    methods = list(dict.fromkeys(method for method, _ in cells if method != "full"))
+    keeps = sorted({keep for method, keep in cells if method != "full"}, reverse=True)
+    lengths = sorted({k[0] for grid in cells.values() for k in grid})
+    depths = sorted({k[1] for grid in cells.values() for k in grid})
+    values = {}
+    for method, keep in cells:
+        if method == "full":
+            continue
+        grid, table = cells[(method, keep)], []
+        for d in depths:
+            row = []
+            for n in lengths:
+                score = mean(grid[(n, d)]) if (n, d) in grid else float("nan")
+                if full is not None and (n, d) in grid:
+                    reference = mean(full[(n, d)]) if (n, d) in full else float("nan")
+                    score = min(1.0, score / reference) if reference > 0 else float("nan")
+                row.append(score)
+            table.append(row)
+        values[(method, keep)] = table
+    return methods, keeps, lengths, depths, values
+
+
+def _niah_grid(run_dir: Path, plt, cells: dict) -> list[str]:
+    """One figure of every method's NIAH heatmap (rows: keeps, columns: methods), each cell the score
+    relative to FullKV's (:func:`niah_grid_values`)."""
+    methods, keeps, lengths, depths, values = niah_grid_values(cells)
+    if not methods:
+        return []
+    relative = any(method == "full" for method, _ in cells)
+    fig, axes = plt.subplots(len(keeps), len(methods), squeeze=False, layout="constrained",
+                             figsize=(1.2 + (0.32 * len(lengths) + 0.3) * len(methods),
+                                      0.5 + (0.22 * len(depths) + 0.5) * len(keeps)))
+    image = None
+    nan_table = [[float("nan")] * len(lengths) for _ in depths]
+    for r, keep in enumerate(keeps):
+        for c, method in enumerate(methods):
+            ax = axes[r][c]
+            image = ax.imshow(values.get((method, keep), nan_table), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            ax.set_xticks(range(len(lengths)), [f"{n / 1000:g}K" if n >= 1000 else str(n) for n in lengths], fontsize=6)
+            ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths] if c == 0 else [], fontsize=6)
+            if r == 0:
+                ax.set_title(method.replace("@", "\n@"), fontsize=7)
+            if c == 0:
+                ax.set_ylabel(f"keep {keep:g}\ndepth", fontsize=7)
+    bar = fig.colorbar(image, ax=axes, shrink=0.9)
+    bar.set_label("score / FullKV's" if relative else "score", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+    name = "niah_grid.png"
+    fig.savefig(run_dir / name, dpi=110)
+    plt.close(fig)
+    return [name]
 
 
 def build_report(run_dir: str | Path, plots: bool = True) -> str:
