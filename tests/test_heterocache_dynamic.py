@@ -73,6 +73,11 @@ def test_auto_index_page_and_rank_follow_keep():
     bf16 = HeteroCache(index="pages", summary_dtype="bfloat16")
     assert [bf16.resolved_page(k) for k in (0.5, 0.25, 0.1)] == [4, 8, 16]
     assert HeteroCache(page=4).resolved_page(0.1) == 4
+    half = HeteroCache(index="pages")
+    half.kv_bytes = 2  # a bf16 / fp16 cache (bind_model reads it from the model): the pages of an fp32 one
+    assert [half.resolved_page(k) for k in (0.5, 0.25, 0.1, 0.05)] == [4, 4, 8, 16]
+    cache = hc.make_cache(tiny_model().to(torch.bfloat16), "heterocache", 0.1)
+    assert cache.method.kv_bytes == 2 and cache.method.resolved_page(0.1) == 8
     with pytest.raises(ValueError, match="page='big' must be 'auto' or an integer"):
         hc.make_cache(tiny_model(), "heterocache", 0.5, page="big")
 
