@@ -126,3 +126,34 @@ def attend(cache, module, keys, values, query_dir) -> None:
     query = (8 * query_dir).expand(1, keys.shape[1], keys.shape[2], -1).contiguous()
     pending, _ = layer.update(keys, values)
     headwise_attention(module, query, pending, pending, None, scaling=1.0)
+
+
+def slot_state(n: int = 5, pages: int = 12, width: int = 4, seed: int = 0):
+    """A random refill of the block layout: ``resident (n, P)`` with ``width`` pages per row, ``current
+    (n, width)`` those pages in a random slot order, ``chosen (n, width)`` distinct random pages."""
+    gen = torch.Generator().manual_seed(seed)
+    resident = torch.zeros(n, pages, dtype=torch.bool)
+    current = torch.empty(n, width, dtype=torch.long)
+    chosen = torch.empty(n, width, dtype=torch.long)
+    for i in range(n):
+        held = torch.randperm(pages, generator=gen)[:width]
+        resident[i, held] = True
+        current[i] = held[torch.randperm(width, generator=gen)]
+        chosen[i] = torch.randperm(pages, generator=gen)[:width]
+    return resident, current, chosen
+
+
+def rerun_under_triton_interpreter(path: str) -> None:
+    """Run the test file ``path`` in a fresh interpreter with ``TRITON_INTERPRET=1`` (triton decides at
+    import whether kernels are interpreted, and importing torch imports it) and require that it passed
+    with only its own rerun test skipped."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", path],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    assert re.search(r"\d+ passed, 1 skipped in", done.stdout), done.stdout[-2000:]

@@ -32,6 +32,16 @@ def _greedy(model, ids, cache, steps: int = 8, **kwargs):
     return out.sequences, torch.stack(out.logits)
 
 
+def _equal_to_default(model, ids, prefetch: str):
+    """Greedy tokens and logits of ``prefetch`` equal the default's; returns (default stats, its stats, cache)."""
+    base = hc.make_cache(model, "heterocache", KEEP, **OPTIONS)
+    other = hc.make_cache(model, "heterocache", KEEP, prefetch=prefetch, **OPTIONS)
+    tokens, logits = _greedy(model, ids, base)
+    tokens_o, logits_o = _greedy(model, ids, other)
+    assert torch.equal(tokens, tokens_o) and torch.allclose(logits, logits_o, atol=1e-5)
+    return base.stats(), other.stats(), other
+
+
 def test_rotate_matches_transformers():
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -200,12 +210,7 @@ def test_hybrid_speculation_is_exact_when_layers_add_nothing():
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
     ids = torch.randint(3, 128, (1, 200), generator=torch.Generator().manual_seed(4))
-    base = hc.make_cache(model, "heterocache", KEEP, **OPTIONS)
-    spec = hc.make_cache(model, "heterocache", KEEP, prefetch="speculate", **OPTIONS)
-    tokens, logits = _greedy(model, ids, base)
-    tokens_s, logits_s = _greedy(model, ids, spec)
-    assert torch.equal(tokens, tokens_s) and torch.allclose(logits, logits_s, atol=1e-5)
-    a, b = base.stats(), spec.stats()
+    a, b, _ = _equal_to_default(model, ids, "speculate")
     assert a["retrieval_bytes"] == b["retrieval_bytes"] and b["retrieval_critical_bytes"] == 0
 
 
@@ -253,12 +258,7 @@ def test_late_speculation_is_exact_when_only_the_mlps_add_nothing(family):
         model = tiny_model("llama", layers=4)
         ids = _prompt()
     _zero_mlps(model)
-    base = hc.make_cache(model, "heterocache", KEEP, **OPTIONS)
-    late = hc.make_cache(model, "heterocache", KEEP, prefetch="speculate_late", **OPTIONS)
-    tokens, logits = _greedy(model, ids, base)
-    tokens_l, logits_l = _greedy(model, ids, late)
-    assert torch.equal(tokens, tokens_l) and torch.allclose(logits, logits_l, atol=1e-5)
-    a, b = base.stats(), late.stats()
+    a, b, late = _equal_to_default(model, ids, "speculate_late")
     assert a["retrieval_bytes"] == b["retrieval_bytes"] > 0
     assert b["retrieval_prefetched_bytes"] > 0
     assert b["retrieval_critical_bytes"] < b["retrieval_prefetched_bytes"]

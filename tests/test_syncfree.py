@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import slot_state, tiny_model
 
 import heterocache as hc
 from heterocache.retrieval.syncfree import fetch_blocks_reference, pair_blocks
@@ -13,18 +13,7 @@ KEEP = 0.25
 
 
 def _random_state(n=5, pages=12, width=4, seed=0):
-    """``resident (n, P)`` with ``width`` pages per row, ``current (n, width)`` those pages in a random slot
-    order, ``chosen (n, width)`` distinct random pages (some resident, some not)."""
-    gen = torch.Generator().manual_seed(seed)
-    resident = torch.zeros(n, pages, dtype=torch.bool)
-    current = torch.empty(n, width, dtype=torch.long)
-    chosen = torch.empty(n, width, dtype=torch.long)
-    for i in range(n):
-        held = torch.randperm(pages, generator=gen)[:width]
-        resident[i, held] = True
-        current[i] = held[torch.randperm(width, generator=gen)]
-        chosen[i] = torch.randperm(pages, generator=gen)[:width]
-    return resident, current, chosen
+    return slot_state(n, pages, width, seed)
 
 
 def _nonzero_pairing(resident, current, chosen):

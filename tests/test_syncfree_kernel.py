@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
-import subprocess
 import sys
 
 # as in test_triton_kernel.py: the kernels are interpreted only when TRITON_INTERPRET=1 was set before
@@ -18,7 +16,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton); the kernel cannot be tested")
 
-from conftest import tiny_model  # noqa: E402
+from conftest import rerun_under_triton_interpreter, slot_state, tiny_model  # noqa: E402
 
 import heterocache as hc  # noqa: E402
 from heterocache.retrieval.syncfree import fetch_blocks, fetch_blocks_reference, pair_blocks  # noqa: E402
@@ -28,23 +26,12 @@ interpreted = pytest.mark.skipif(not IN_INTERPRETER, reason="run by test_in_fres
 
 @pytest.mark.skipif(IN_INTERPRETER, reason="already running under the interpreter")
 def test_in_fresh_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
-    assert re.search(r"\d+ passed, 1 skipped in", done.stdout), done.stdout[-2000:]  # only this test skipped
+    rerun_under_triton_interpreter(__file__)
 
 
 def _case(n, pages, width, slots, unit, d, dtype, seed):
+    resident, current, chosen = slot_state(n, pages, width, seed)
     gen = torch.Generator().manual_seed(seed)
-    resident = torch.zeros(n, pages, dtype=torch.bool)
-    current = torch.empty(n, width, dtype=torch.long)
-    chosen = torch.empty(n, width, dtype=torch.long)
-    for i in range(n):
-        held = torch.randperm(pages, generator=gen)[:width]
-        resident[i, held] = True
-        current[i] = held[torch.randperm(width, generator=gen)]
-        chosen[i] = torch.randperm(pages, generator=gen)[:width]
     _, src, dst, valid = pair_blocks(resident, current, chosen)
     tier = [torch.randn(n * pages, unit * d, generator=gen).to(dtype) for _ in range(2)]
     positions = torch.randperm(n * pages * unit, generator=gen).view(n * pages, unit)

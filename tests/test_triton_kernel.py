@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
-import subprocess
 import sys
 
 # Triton decides at import time whether its kernels (its own library functions included) are
@@ -20,6 +18,8 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton); the kernel cannot be tested")
 
+from conftest import rerun_under_triton_interpreter  # noqa: E402
+
 from heterocache.attention.reference import ragged_attention_reference  # noqa: E402
 from heterocache.attention.triton import (  # noqa: E402
     dense_as_pages,
@@ -33,11 +33,7 @@ interpreted = pytest.mark.skipif(not IN_INTERPRETER, reason="run by test_in_fres
 
 @pytest.mark.skipif(IN_INTERPRETER, reason="already running under the interpreter")
 def test_in_fresh_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
-    assert re.search(r"\d+ passed, 1 skipped in", done.stdout), done.stdout[-2000:]  # only this test skipped
+    rerun_under_triton_interpreter(__file__)
 
 
 TOLERANCE = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2}}
