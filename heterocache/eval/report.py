@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
@@ -282,7 +283,7 @@ def _niah_heatmaps(run_dir: Path, plt) -> list[str]:
         ax.set_title(f"NIAH {method} keep {keep:g}", fontsize=9)
         fig.colorbar(image)
         fig.tight_layout()
-        name = f"niah_{method.replace(':', '_').replace('+', '_')}_keep{keep:g}.png"
+        name = f"niah_{re.sub(r'[^A-Za-z0-9_.@-]', '_', method)}_keep{keep:g}.png"
         fig.savefig(run_dir / name, dpi=100)
         plt.close(fig)
         written.append(name)
