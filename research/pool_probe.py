@@ -19,8 +19,7 @@ from collections import OrderedDict
 import torch
 
 import heterocache as hc
-from heterocache.eval.fidelity import PEERS_SEPARATOR, window_offsets
-from heterocache.eval.tasks.essays import essay_text
+from heterocache.eval.fidelity import peers_windows
 
 
 def main() -> None:
@@ -33,15 +32,12 @@ def main() -> None:
     args = parser.parse_args()
     factors = [float(f) for f in args.pools.split(",")]
     model, tok = hc.load_model(None, dtype="float32")
-    ids = tok(essay_text(None, PEERS_SEPARATOR), add_special_tokens=False, verbose=False)["input_ids"]
-    offsets = window_offsets(len(ids), args.context, args.tokens, 3, 1234)
+    windows = peers_windows(tok, args.context, args.tokens)
     hits = dict.fromkeys(factors, 0)
     incoming_total = pool_pages = 0
     kv_bytes = page_bytes = None
     for window in [int(w) for w in args.windows.split(",")]:
-        offset = offsets[window]
-        context = ids[offset: offset + args.context]
-        continuation = ids[offset + args.context: offset + args.context + args.tokens]
+        _, context, continuation = windows[window]
         cache = hc.make_cache(model, "heterocache", args.keep, refill="torch")
         engine = cache.method.runtime.engine
         pools: dict[float, dict[tuple[int, int], OrderedDict]] = {f: {} for f in factors}

@@ -28,8 +28,7 @@ from collections import defaultdict
 import torch
 
 import heterocache as hc
-from heterocache.eval.fidelity import PEERS_SEPARATOR, window_offsets
-from heterocache.eval.tasks.essays import essay_text
+from heterocache.eval.fidelity import peers_windows
 
 
 def main() -> None:
@@ -49,15 +48,12 @@ def main() -> None:
         options[name] = json.loads(raw) if raw[:1].isdigit() or raw in ("true", "false") else raw
     factors = [float(f) for f in args.factors.split(",")]
     model, tok = hc.load_model(args.model, dtype=args.dtype)
-    ids = tok(essay_text(None, PEERS_SEPARATOR), add_special_tokens=False, verbose=False)["input_ids"]
-    offsets = window_offsets(len(ids), args.context, args.tokens, 3, 1234)
+    windows = peers_windows(tok, args.context, args.tokens)
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # predictor -> [hit pages, prefetched pages]
     incoming_total = steps_total = 0
     page_bytes = None
     for window in [int(w) for w in args.windows.split(",")]:
-        offset = offsets[window]
-        context, continuation = ids[offset: offset + args.context], ids[offset + args.context: offset + args.context
-                                                                        + args.tokens]
+        _, context, continuation = windows[window]
         cache = hc.make_cache(model, "heterocache", args.keep, **options)
         runtime = cache.method.runtime
         log: list[dict] = []  # one entry per (step, layer) refill

@@ -31,8 +31,7 @@ import torch
 from transformers import DynamicCache
 
 import heterocache as hc
-from heterocache.eval.fidelity import PEERS_SEPARATOR, window_offsets
-from heterocache.eval.tasks.essays import essay_text
+from heterocache.eval.fidelity import peers_windows
 from heterocache.methods.heterocache.dynamic import choose, unit_scores
 from heterocache.retrieval.slots import choose_units
 from heterocache.retrieval.speculate import layer_query
@@ -146,14 +145,11 @@ def main() -> None:
         options[name] = json.loads(raw) if raw[:1].isdigit() or raw in ("true", "false") else raw
     configs = [None] + [float(c) for c in args.correct.split(",")]
     model, tok = hc.load_model(args.model, dtype=args.dtype)
-    ids = tok(essay_text(None, PEERS_SEPARATOR), add_special_tokens=False, verbose=False)["input_ids"]
-    offsets = window_offsets(len(ids), args.context, args.tokens, 3, 1234)
+    windows = peers_windows(tok, args.context, args.tokens)
     rows = {c: {"kl": 0.0, "top1": 0, "n": 0, "critical": 0, "prefetched": 0, "steps": 0, "page_bytes": 0}
             for c in configs}
     for window in [int(w) for w in args.windows.split(",")]:
-        offset = offsets[window]
-        context = ids[offset: offset + args.context]
-        continuation = ids[offset + args.context: offset + args.context + args.tokens]
+        _, context, continuation = windows[window]
         with torch.inference_mode():
             full = _logits(model, context, continuation, hc.cache_kwargs(DynamicCache(config=model.config), model))
             for correct in configs:

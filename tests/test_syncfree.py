@@ -81,9 +81,9 @@ def _run(model, ids, sync_free, steps=8, method="heterocache", **options):
     paths = []
     original = engine.swap_blocks_sync_free
 
-    def spy(layer, slots, chosen):
-        paths.append(engine.sync_free_path(layer, slots))
-        original(layer, slots, chosen)
+    def spy(layer, slots, chosen, path):
+        paths.append(path)
+        original(layer, slots, chosen, path)
 
     engine.swap_blocks_sync_free = spy
     out = model.generate(ids, **hc.cache_kwargs(cache, model), max_new_tokens=steps, do_sample=False,

@@ -95,6 +95,15 @@ def window_offsets(n_tokens: int, context: int, continuation: int, windows: int,
 
 
 @torch.inference_mode()
+def peers_windows(tokenizer, context: int, continuation: int, windows: int = 3, seed: int = 1234,
+                  text_dir=None) -> list[tuple[int, list[int], list[int]]]:
+    """The PEERS fidelity windows of the essays (joined with ``PEERS_SEPARATOR``): one ``(offset, context
+    ids, continuation ids)`` per window, offsets from :func:`window_offsets`."""
+    ids = tokenizer(essay_text(text_dir, PEERS_SEPARATOR), add_special_tokens=False, verbose=False)["input_ids"]
+    return [(offset, ids[offset: offset + context], ids[offset + context: offset + context + continuation])
+            for offset in window_offsets(len(ids), context, continuation, windows, seed)]
+
+
 def teacher_forced_logits(model, context_ids: list[int], continuation_ids: list[int], feeder: Feeder,
                           first: torch.Tensor | None = None) -> torch.Tensor:
     """``(M, V)`` float32 logits predicting each continuation token; prefill, then one token per forward.
@@ -126,19 +135,17 @@ def run_fidelity(model, tokenizer, config: FidelityConfig) -> Path:
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "fidelity.jsonl"
-    ids = tokenizer(essay_text(config.text_dir, PEERS_SEPARATOR), add_special_tokens=False, verbose=False)["input_ids"]
-    offsets = window_offsets(len(ids), config.context, config.continuation, config.windows, config.seed)
+    windows = peers_windows(tokenizer, config.context, config.continuation, config.windows, config.seed,
+                            config.text_dir)
     settings = config.settings_key()
     grid = method_grid(config.methods, config.keeps)
     with ResultLog(path, fidelity_key) as log:
-        todo = pending(enumerate(offsets), grid,
+        todo = pending(enumerate(windows), grid,
                        lambda w, m, k: (w[0], m, float(k), config.model_id, settings) in log)
-        total = len(offsets) * len(grid)
+        total = len(windows) * len(grid)
         bar = tqdm(total=total, initial=total - sum(len(runs) for _, runs in todo), desc="fidelity",
                    disable=not config.progress, unit="run", dynamic_ncols=True)
-        for (window, offset), runs in todo:
-            context = ids[offset: offset + config.context]
-            continuation = ids[offset + config.context: offset + config.context + config.continuation]
+        for (window, (offset, context, continuation)), runs in todo:
             targets = torch.tensor(continuation)
             jobs = open_jobs(model, runs, config.method_options, torch.tensor([context], device=model.device),
                              config.shared_prefill, reference=True, logits_to_keep=1)

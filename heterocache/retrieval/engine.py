@@ -182,8 +182,9 @@ class RetrievalEngine:
         """Make the pages ``chosen (n, width)`` resident (block layout, else token by token)."""
         if slots.blocks:
             slots.native = None  # the torch path replaces ``resident``: the C call's pointers are stale
-            if self.sync_free_path(layer, slots) is not None:
-                self.swap_blocks_sync_free(layer, slots, chosen)
+            path = self.sync_free_path(layer, slots)
+            if path is not None:
+                self.swap_blocks_sync_free(layer, slots, chosen, path)
             else:
                 self.swap_blocks(layer, slots, chosen)
         else:
@@ -268,9 +269,10 @@ class RetrievalEngine:
             return "triton"
         return "torch" if tier.shares_memory_with(layer.device) else None
 
-    def swap_blocks_sync_free(self, layer, slots: PagedSlots, chosen: torch.Tensor) -> None:
-        """:meth:`swap_blocks` with fixed-shape pairing and one masked copy (``retrieval/syncfree.py``): no
-        host synchronisation; the bytes are counted on the device (:meth:`fold`)."""
+    def swap_blocks_sync_free(self, layer, slots: PagedSlots, chosen: torch.Tensor, path: str) -> None:
+        """:meth:`swap_blocks` with fixed-shape pairing and one masked copy (``retrieval/syncfree.py``;
+        ``path`` from :meth:`sync_free_path`): no host synchronisation; the bytes are counted on the
+        device (:meth:`fold`)."""
         from heterocache.retrieval import syncfree
 
         wanted, src, dst, valid = syncfree.pair_blocks(slots.resident, slots.current, chosen)
@@ -279,7 +281,7 @@ class RetrievalEngine:
         tier_keys, tier_values = self.tier.blocks(layer.layer_idx, unit)
         args = (tier_keys, tier_values, slots.page_positions.view(-1, unit), bucket.keys.view(-1, unit * d),
                 bucket.values.view(-1, unit * d), bucket.positions.view(-1, unit), src, dst, valid)
-        if self.sync_free_path(layer, slots) == "triton":
+        if path == "triton":
             if self.prefetching and layer.device.type == "cuda":  # a layer ahead: on the copy stream
                 self._on_copy_stream(layer.layer_idx, lambda: syncfree.fetch_blocks(*args), (src, dst, valid))
             else:
